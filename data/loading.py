@@ -1,0 +1,64 @@
+"""A resumable, rank-aware batch order: a pure function of (seed, epoch, rank), with its position
+saved in Lightning checkpoints so an interrupted run resumes on the exact next batch."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+
+class ResumableBatchSampler:
+    """Yields lists of (epoch, index, batch_number) triples: datasets use the epoch to seed per-item
+    randomness (MLM masking), so an item looks the same whichever worker or resumed run produces it;
+    the batch number travels with the batch so that the position saved is that of the last batch
+    *trained on*, not the last one fetched (Lightning fetches ahead)."""
+
+    def __init__(self, n_items: int, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1):
+        if n_items < batch_size * world:
+            raise ValueError(
+                f"data has {n_items} examples, fewer than one batch (data.batch_size={batch_size} x {world} ranks): "
+                "lower data.batch_size or data.seq_len, or use a larger corpus"
+            )
+        self.n_items, self.batch_size, self.shuffle, self.seed = n_items, batch_size, shuffle, seed
+        self.rank, self.world = rank, world
+        self.epoch = 0
+        self._resume = None  # (epoch, batches already trained) from a checkpoint
+        self.consumed = 0  # batches of self.epoch trained on, set by the data module
+        self.sampler = self  # Lightning calls batch_sampler.sampler.set_epoch(epoch) at each epoch start
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at each epoch start
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n_items // self.world // self.batch_size
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n_items, generator=g)
+        else:
+            order = torch.arange(self.n_items)
+        order = order[self.rank :: self.world][: len(self) * self.batch_size].tolist()
+        start = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            start = self._resume[1]
+        self._resume = None
+        self.consumed = start
+        for b in range(start, len(self)):
+            yield [(self.epoch, i, b) for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state["epoch"]
+        self._resume = (state["epoch"], state["consumed"])
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning recognises as stateful (state_dict / load_state_dict)."""
+
+    def state_dict(self) -> dict:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.load_state_dict(state)

@@ -1,0 +1,169 @@
+"""Train a zoo model with Hydra + Lightning.
+
+    python train.py                                   # GPT on the CPython stdlib (CPU or one GPU)
+    python train.py model=bert                        # BERT, masked-LM
+    python train.py model=gpt attention=causal data.tokenizer=bpe
+    python train.py model=gpt debug=smoke             # a few tiny steps: does this config train?
+    python train.py ckpt_path=outputs/runs/.../checkpoints/last.ckpt   # resume (same wandb run)
+    python train.py -m model=gpt,bert                 # a sweep; then scripts/compare.py outputs/multiruns/...
+
+Each run writes outputs/runs/<time>_<name>/: checkpoints/{last,best-*}.ckpt, metrics.json, the
+resolved config (.hydra/), and the logger's files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from zoo.checkpoint import read_checkpoint
+from zoo.tasks import NonFiniteLossError
+
+
+def wandb_mode() -> str:
+    """online only with a key and a reachable server; otherwise offline, decided before wandb starts."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in (
+        Path.home().joinpath(".netrc").read_text() if Path.home().joinpath(".netrc").exists() else "")
+    if has_key:
+        try:
+            socket.create_connection(("api.wandb.ai", 443), timeout=3).close()
+            return "online"
+        except OSError:
+            pass
+    return "offline"
+
+
+class RunInfo(pl.Callback):
+    """Stores the logger run id in every checkpoint, so that a resumed run continues the same wandb run."""
+
+    def __init__(self, wandb_id: str | None):
+        self.wandb_id = wandb_id
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint["zoo_run"] = {"wandb_id": self.wandb_id}
+
+
+def build_loggers(cfg: DictConfig, resume_id: str | None):
+    loggers = []
+    for name, lcfg in (cfg.get("logger") or {}).items():
+        if name == "wandb":
+            os.environ["WANDB_MODE"] = mode = wandb_mode()
+            os.environ.setdefault("WANDB_SILENT", "true")
+            extra = {"id": resume_id, "resume": "allow"} if resume_id else {}
+            logger = instantiate(lcfg, **extra)
+            print(f"[zoo] wandb mode: {mode}")
+        else:
+            logger = instantiate(lcfg)
+        loggers.append(logger)
+    return loggers
+
+
+def check_sizes(cfg: DictConfig) -> None:
+    m, d = cfg.model, cfg.data
+    if m.get("position") in (None, "learned", "sinusoidal") and d.seq_len > m.max_seq_len:
+        raise ValueError(f"data.seq_len={d.seq_len} is longer than the position table (model.max_seq_len={m.max_seq_len})")
+
+
+def print_sample(net, dm, cfg: DictConfig) -> None:
+    tok = dm.load_tokenizer()
+    net = net.eval()
+    device = next(net.parameters()).device
+    if net.cfg.arch == "decoder":
+        ids = torch.tensor([tok.encode(cfg.sample.prompt) or [tok.eos_id]], device=device)
+        g = torch.Generator(device=device).manual_seed(cfg.seed)
+        out = net.generate(ids, cfg.sample.max_new_tokens, cfg.sample.temperature, cfg.sample.top_k, generator=g)
+        print("\n[zoo] sample:\n" + tok.decode(out[0].tolist()) + "\n")
+    elif hasattr(dm, "val_set") and hasattr(dm.val_set, "window"):
+        batch = dm.val_set[(0, 0, 0)]
+        ids, labels = batch["input_ids"][None].to(device), batch["labels"][None].to(device)
+        with torch.no_grad():
+            pred = net(ids).argmax(-1)
+        filled = torch.where(labels != -100, pred, ids)[0].tolist()
+        print("\n[zoo] masked input:\n" + tok.decode(ids[0].tolist()) + "\n[zoo] filled by the model:\n"
+              + tok.decode(filled) + "\n")
+
+
+def train(cfg: DictConfig) -> dict:
+    pl.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    resume_id = None
+    if cfg.get("ckpt_path"):
+        # validate before anything is built or written: a bad path fails here, not after an epoch
+        resume_id = read_checkpoint(cfg.ckpt_path).get("zoo_run", {}).get("wandb_id")
+
+    dm = instantiate(cfg.data)
+    with open_dict(cfg):
+        if cfg.model.get("vocab_size") is None:
+            cfg.model.vocab_size = dm.vocab_size
+    check_sizes(cfg)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    task = instantiate(cfg.task, model=model_cfg, _convert_="all")
+
+    loggers = build_loggers(cfg, resume_id)
+    wandb_id = next((lg.experiment.id for lg in loggers if type(lg).__name__ == "WandbLogger"), None)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [RunInfo(wandb_id or resume_id)]
+    tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if tcfg.get("precision") == "auto":
+        on_gpu = tcfg.get("accelerator") in ("gpu", "cuda") or (tcfg.get("accelerator") == "auto" and torch.cuda.is_available())
+        tcfg["precision"] = "bf16-mixed" if on_gpu else "32-true"
+    trainer = instantiate(tcfg, logger=loggers or False, callbacks=callbacks)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    n_params = task.net.num_params()
+    print(f"[zoo] {cfg.model.name}: {n_params / 1e6:.2f}M parameters, core={cfg.model.attention.core}, "
+          f"output: {out_dir}")
+
+    try:
+        trainer.fit(task, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    except NonFiniteLossError as e:
+        ckpt = trainer.checkpoint_callback
+        last = getattr(ckpt, "last_model_path", "") if ckpt else ""
+        print(f"[zoo] {e}\n[zoo] last good checkpoint: {last or 'none was written yet'}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    metrics.update({"params": n_params, "global_step": trainer.global_step})
+    if trainer.is_global_zero:
+        (out_dir / "metrics.json").write_text(json.dumps({"model": cfg.model.name, "attention": cfg.model.attention.core,
+                                                          "overrides": list(_overrides()), **metrics}, indent=2))
+        ckpt = trainer.checkpoint_callback
+        if ckpt is not None and ckpt.last_model_path:
+            print(f"[zoo] checkpoints: {Path(ckpt.last_model_path).parent}")
+        for lg in loggers:
+            if type(lg).__name__ == "WandbLogger":
+                print(f"[zoo] wandb run written to {lg.experiment.dir}")
+        print_sample(task.net, dm, cfg)
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish()  # one wandb run per job, also inside a multirun sweep
+    return metrics
+
+
+def _overrides():
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().overrides.task
+    except ValueError:
+        return []
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get("val/loss")  # for Hydra sweepers
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""The transformer block: attention and FFN sub-layers with residuals, pre-norm or post-norm."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from zoo.blocks.attention import Attention
+from zoo.blocks.ffn import build_ffn
+from zoo.blocks.norms import build_norm
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.prenorm = cfg.norm_position == "pre"
+        self.norm1 = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.attn = Attention(cfg)
+        self.norm2 = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.ffn = build_ffn(cfg.ffn, cfg.d_model, cfg.d_ff, cfg.activation, cfg.bias, cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, positions, key_padding_mask=None, cache=None):
+        if self.prenorm:  # GPT-2, LLaMA: x + f(norm(x))
+            x = x + self.dropout(self.attn(self.norm1(x), positions, key_padding_mask, cache))
+            return x + self.ffn(self.norm2(x))
+        # BERT: norm(x + f(x))
+        x = self.norm1(x + self.dropout(self.attn(x, positions, key_padding_mask, cache)))
+        return self.norm2(x + self.ffn(x))

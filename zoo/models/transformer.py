@@ -1,0 +1,182 @@
+"""The generic trunk (embeddings -> blocks -> final norm) and the model with its heads.
+
+GPT and BERT are both this file plus a YAML: the differences (pre/post norm, embedding norm,
+segment embeddings, the MLM head's transform) are config fields, not subclasses.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+from zoo.blocks.block import Block
+from zoo.blocks.ffn import activation
+from zoo.blocks.norms import build_norm
+from zoo.blocks.positions import build_absolute_positions
+from zoo.models.config import ModelConfig
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = build_absolute_positions(cfg.position, cfg.max_seq_len, cfg.d_model)
+        self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
+        self.emb_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.embed_norm else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.final_norm else None
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, start_pos: int = 0, cache=None):
+        b, n = input_ids.shape
+        end = start_pos + n
+        if self.cfg.position in ("learned", "sinusoidal") and end > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {end} tokens is longer than the position table (model.max_seq_len={self.cfg.max_seq_len})"
+            )
+        positions = torch.arange(start_pos, end, device=input_ids.device)
+        x = self.tok_emb(input_ids)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        if self.type_emb is not None:
+            tt = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+            x = x + self.type_emb(tt)
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
+        x = self.drop(x)
+        key_padding_mask = attention_mask.bool() if attention_mask is not None else None
+        for i, block in enumerate(self.blocks):
+            layer_cache = cache[i] if cache is not None else None
+            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, positions, key_padding_mask, None, use_reentrant=False)
+            else:
+                x = block(x, positions, key_padding_mask, layer_cache)
+        return self.norm(x) if self.norm is not None else x
+
+
+class MLMHead(nn.Module):
+    """BERT's prediction head: dense -> activation -> norm, then the (tied) vocabulary projection."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.act = activation(cfg.activation)
+        self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+
+    def forward(self, x):
+        return self.norm(self.act(self.dense(x)))
+
+
+class ClassificationHead(nn.Module):
+    """BERT's pooler (dense + tanh on the first token) and a linear classifier."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pool = nn.Linear(cfg.d_model, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.classifier = nn.Linear(cfg.d_model, cfg.num_labels)
+
+    def forward(self, hidden):
+        return self.classifier(self.drop(torch.tanh(self.pool(hidden[:, 0]))))
+
+
+class ZooModel(nn.Module):
+    """Trunk + heads. `model(input_ids)` gives vocabulary logits (batch, seq, vocab) for both
+    decoders (next-token) and encoders (masked-token); `model.classify(...)` gives (batch, num_labels)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.trunk = Transformer(cfg)
+        self.mlm_head = MLMHead(cfg) if cfg.arch == "encoder" else None
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.arch == "encoder")
+        self.cls_head = ClassificationHead(cfg) if cfg.num_labels > 0 else None
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            # GPT-2: residual projections scaled by 1/sqrt(2 * n_layers) so the residual stream stays O(1)
+            if name.endswith(("attn.out.weight", "ffn.proj.weight", "ffn.w2.weight")):
+                nn.init.normal_(p, std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.trunk.tok_emb.weight
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.cfg.init_std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None, start_pos=0, cache=None):
+        return self.trunk(input_ids, attention_mask, token_type_ids, start_pos, cache)
+
+    def logits(self, hidden):
+        if self.mlm_head is not None:
+            hidden = self.mlm_head(hidden)
+        return self.lm_head(hidden)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, start_pos: int = 0, cache=None):
+        return self.logits(self.hidden_states(input_ids, attention_mask, token_type_ids, start_pos, cache))
+
+    def classify(self, input_ids, attention_mask=None, token_type_ids=None):
+        if self.cls_head is None:
+            raise ValueError("this model has no classification head: build it with model.num_labels > 0")
+        return self.cls_head(self.hidden_states(input_ids, attention_mask, token_type_ids))
+
+    def new_cache(self) -> list[dict]:
+        """An empty KV cache, one dict per layer, for incremental decoding."""
+        if self.cfg.arch != "decoder" or not self.trunk.blocks[0].attn.core.supports_kv_cache:
+            raise ValueError(f"attention.core={self.cfg.attention['core']!r} in a {self.cfg.arch} has no KV cache")
+        return [{} for _ in self.trunk.blocks]
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.trunk.tok_emb.weight.numel()
+            if self.trunk.pos_emb is not None and hasattr(self.trunk.pos_emb, "weight"):
+                n -= self.trunk.pos_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B:
+        6 * params (excluding embeddings) + 12 * layers * heads * head_dim * seq_len (attention)."""
+        c = self.cfg
+        n = self.num_params(exclude_embeddings=True)
+        if not c.tie_embeddings:
+            n -= self.lm_head.weight.numel()  # counted below with the tied case
+        n += c.vocab_size * c.d_model  # the LM head matmul
+        attn = 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
+        if c.causal:
+            attn //= 2  # causal kernels skip the masked half
+        return 6 * n + attn
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None, use_cache: bool = True):
+        """Sample continuations. temperature=0 is greedy. Uses the KV cache when the core has one."""
+        if self.cfg.arch != "decoder":
+            raise ValueError("generate() needs a decoder (model.arch=decoder)")
+        cache = self.new_cache() if use_cache else None
+        out = input_ids
+        step_input, start = input_ids, 0
+        for _ in range(max_new_tokens):
+            if cache is None:
+                ctx = out[:, -self.cfg.max_seq_len:]
+                logits = self(ctx)[:, -1]
+            else:
+                if start + step_input.shape[1] > self.cfg.max_seq_len:
+                    # the cache is full: fall back to recomputing the last window
+                    cache = self.new_cache()
+                    step_input, start = out[:, -self.cfg.max_seq_len + 1:], 0
+                logits = self(step_input, start_pos=start, cache=cache)[:, -1]
+                start += step_input.shape[1]
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits.float() / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            out = torch.cat([out, nxt], dim=1)
+            step_input = nxt
+        return out
