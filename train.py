@@ -25,6 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from zoo.checkpoint import read_checkpoint
+from zoo.models import model_config
 from zoo.tasks import NonFiniteLossError
 
 
@@ -94,6 +95,9 @@ def print_sample(net, dm, cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig) -> dict:
+    # the model/core pair and the sizes are checked before any data is read or anything written
+    model_config({**OmegaConf.to_container(cfg.model, resolve=True), "vocab_size": cfg.model.vocab_size or 1})
+    check_sizes(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     resume_id = None
@@ -105,7 +109,6 @@ def train(cfg: DictConfig) -> dict:
     with open_dict(cfg):
         if cfg.model.get("vocab_size") is None:
             cfg.model.vocab_size = dm.vocab_size
-    check_sizes(cfg)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     task = instantiate(cfg.task, model=model_cfg, _convert_="all")
 

@@ -54,7 +54,8 @@ class ModelConfig:
         unknown = sorted(set(d) - names - {"_target_"})
         if unknown:
             raise ValueError(f"unknown model config field(s) {unknown}; valid fields: {', '.join(sorted(names))}")
-        return cls(**{k: v for k, v in d.items() if k in names}).validated()
+        # null means "the default" (vocab_size: null in a YAML = the byte tokenizer's until the data fills it in)
+        return cls(**{k: v for k, v in d.items() if k in names and v is not None}).validated()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -22,10 +22,12 @@ def _load_group(group: str, name: str) -> dict:
     node = yaml.safe_load(path.read_text()) or {}
     merged: dict = {}
     for parent in node.pop("defaults", []):
-        # a model file may start from another model of its group (`defaults: [gpt, _self_]`)
+        # a model file may start from another model of its group (`defaults: [gpt, _self_]`);
+        # entries such as `override /task: mlm` concern training, not the network
         if isinstance(parent, str) and parent != "_self_":
             merged.update(_load_group(group, parent))
-    merged.update(node)
+    # model files are `@package _global_` (so that they can pick a task): their fields sit under `model:`
+    merged.update(node.get(group, node) if group == "model" else node)
     return merged
 
 
