@@ -1,0 +1,61 @@
+"""Model building: named configs, sizes, and errors that name the field."""
+import pytest
+import torch
+
+import zoo
+
+
+def test_named_models_build():
+    gpt = zoo.build_model("gpt")
+    assert gpt.cfg.arch == "decoder" and gpt.cfg.vocab_size == 320
+    bert = zoo.build_model("bert", num_labels=3)
+    x = torch.randint(0, 320, (2, 8))
+    assert bert(x).shape == (2, 8, 320)
+    assert bert.classify(x).shape == (2, 3)
+
+
+def test_gpt_124m_has_gpt2_small_shape():
+    m = zoo.build_model("gpt_124m")
+    c = m.cfg
+    assert (c.n_layers, c.d_model, c.n_heads, c.max_seq_len, c.vocab_size) == (12, 768, 12, 1024, 50304)
+    assert c.vocab_size % 64 == 0
+    assert 124e6 < m.num_params() < 125e6  # 124M with the padded vocabulary, tied head
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"d_model": 100, "n_heads": 3}, "d_model=100 must be divisible by model.n_heads=3"),
+    ({"n_heads": 4, "n_kv_heads": 3}, "n_heads=4 must be divisible by model.n_kv_heads=3"),
+    ({"norm": "batchnorm"}, "model.norm='batchnorm'; valid choices: layernorm, rmsnorm"),
+    ({"position": "alibi"}, "valid choices: learned, sinusoidal, rope, none"),
+    ({"attention": {"core": "nope"}}, "attention.core='nope' is unknown; valid choices"),
+    ({"attention": {"core": "full"}}, "cores that would work: causal"),
+    ({"n_layer": 2}, "unknown model config field"),
+    ({"dropout": 1.5}, "model.dropout must be in"),
+])
+def test_impossible_configs_name_the_field(override, match):
+    with pytest.raises(ValueError, match=match):
+        zoo.build_model("gpt", **override)
+
+
+def test_unknown_model_lists_choices():
+    with pytest.raises(ValueError, match="valid choices: bert, gpt"):
+        zoo.build_model("gtp")
+
+
+def test_sequence_longer_than_position_table_is_an_error():
+    m = zoo.build_model("gpt", max_seq_len=16, d_model=32, n_layers=1)
+    with pytest.raises(ValueError, match="max_seq_len=16"):
+        m(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_attention_override_by_name():
+    m = zoo.build_model("bert", attention="full")
+    assert m.cfg.attention["core"] == "full"
+
+
+def test_flops_per_token_counts_matmuls():
+    m = zoo.build_model("gpt_124m")
+    non_embedding = m.num_params() - 50304 * 768 - 1024 * 768
+    head = 50304 * 768
+    causal_attention = 12 * 12 * 768 * 1024 // 2  # QK^T and PV, forward + backward, half masked
+    assert m.flops_per_token(1024) == 6 * (non_embedding + head) + causal_attention
