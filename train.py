@@ -24,6 +24,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from data.tokenizers import tokenizer_state
 from zoo.checkpoint import read_checkpoint
 from zoo.models import model_config
 from zoo.tasks import NonFiniteLossError
@@ -45,13 +46,17 @@ def wandb_mode() -> str:
 
 
 class RunInfo(pl.Callback):
-    """Stores the logger run id in every checkpoint, so that a resumed run continues the same wandb run."""
+    """Makes every checkpoint self-contained: the logger run id (a resumed run continues the same wandb
+    run), the task and data config (scripts/evaluate.py), and the tokenizer itself (scripts/generate.py)."""
 
-    def __init__(self, wandb_id: str | None):
-        self.wandb_id = wandb_id
+    def __init__(self, wandb_id: str | None, cfg: DictConfig, dm):
+        self.wandb_id, self.dm = wandb_id, dm
+        self.task_target = cfg.task._target_
+        self.data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        checkpoint["zoo_run"] = {"wandb_id": self.wandb_id}
+        checkpoint["zoo_run"] = {"wandb_id": self.wandb_id, "task": self.task_target, "data": self.data_cfg,
+                                 "tokenizer": tokenizer_state(self.dm.load_tokenizer())}
 
 
 def build_loggers(cfg: DictConfig, resume_id: str | None):
@@ -114,7 +119,7 @@ def train(cfg: DictConfig) -> dict:
 
     loggers = build_loggers(cfg, resume_id)
     wandb_id = next((lg.experiment.id for lg in loggers if type(lg).__name__ == "WandbLogger"), None)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [RunInfo(wandb_id or resume_id)]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [RunInfo(wandb_id or resume_id, cfg, dm)]
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if tcfg.get("precision") == "auto":
         on_gpu = tcfg.get("accelerator") in ("gpu", "cuda") or (tcfg.get("accelerator") == "auto" and torch.cuda.is_available())

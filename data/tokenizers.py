@@ -89,3 +89,20 @@ def build_tokenizer(kind: str, texts=None, vocab_size: int = 4096, cache_dir: Pa
             raise ValueError("tokenizer=bpe needs the training texts (or a cached tokenizer)")
         return BPETokenizer.train_or_load(texts, vocab_size, Path(cache_dir), key)
     raise ValueError(f"data.tokenizer={kind!r}; valid choices: {', '.join(TOKENIZERS)}")
+
+
+def tokenizer_state(tok) -> dict:
+    """What a checkpoint stores to rebuild its tokenizer with no corpus and no cache."""
+    if isinstance(tok, ByteTokenizer):
+        return {"kind": "byte"}
+    return {"kind": "bpe", "json": tok.tok.to_str()}
+
+
+def tokenizer_from_state(state: dict):
+    if state.get("kind") == "byte":
+        return ByteTokenizer()
+    if state.get("kind") == "bpe":
+        from tokenizers import Tokenizer
+
+        return BPETokenizer(Tokenizer.from_str(state["json"]))
+    raise ValueError(f"tokenizer state kind={state.get('kind')!r}; valid choices: {', '.join(TOKENIZERS)}")

@@ -59,3 +59,13 @@ def test_flops_per_token_counts_matmuls():
     head = 50304 * 768
     causal_attention = 12 * 12 * 768 * 1024 // 2  # QK^T and PV, forward + backward, half masked
     assert m.flops_per_token(1024) == 6 * (non_embedding + head) + causal_attention
+
+
+def test_train_yaml_lists_every_model_field():
+    """conf/train.yaml declares each ModelConfig field (null) so any can be overridden from the command line."""
+    import dataclasses
+
+    import yaml
+
+    declared = set(yaml.safe_load((zoo.models.registry.CONF_DIR / "train.yaml").read_text())["model"])
+    assert declared == {f.name for f in dataclasses.fields(zoo.ModelConfig)}

@@ -8,5 +8,9 @@
 """
 from zoo.checkpoint import CheckpointError, load_checkpoint
 from zoo.models import ModelConfig, ZooModel, build_model, model_config
+from zoo.hf import load_pretrained, save_pretrained
 
-__all__ = ["CheckpointError", "ModelConfig", "ZooModel", "build_model", "load_checkpoint", "model_config"]
+__all__ = [
+    "CheckpointError", "ModelConfig", "ZooModel", "build_model", "load_checkpoint", "load_pretrained", "model_config",
+    "save_pretrained",
+]

@@ -1,0 +1,165 @@
+"""End to end through train.py: training, checkpoints, resume, loading, scripts, bad input."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import open_dict
+
+import zoo
+from helpers import ROOT, make_cfg
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import train as train_script  # noqa: E402
+
+
+def run(tmp_path, *overrides, smoke=True, callbacks=None):
+    cfg = make_cfg(tmp_path, *overrides, smoke=smoke)
+    if callbacks:
+        with open_dict(cfg):
+            cfg.callbacks.update(callbacks)
+    return train_script.train(cfg), cfg
+
+
+@pytest.fixture(scope="module")
+def gpt_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpt")
+    metrics, cfg = run(out)
+    return out, metrics
+
+
+def test_gpt_smoke_writes_checkpoints_metrics_and_offline_wandb(gpt_run):
+    out, metrics = gpt_run
+    assert metrics["global_step"] == 20
+    assert (out / "checkpoints" / "last.ckpt").exists()
+    assert list((out / "checkpoints").glob("best-*.ckpt"))
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["model"] == "gpt" and "val/loss" in saved and "val/bpb" in saved
+    assert list((out / "wandb").glob("offline-run-*")), "the offline wandb run is missing"
+
+
+def test_load_checkpoint_and_generate(gpt_run):
+    out, _ = gpt_run
+    model, cfg = zoo.load_checkpoint(out / "checkpoints" / "last.ckpt")
+    assert cfg.arch == "decoder" and cfg.d_model == 64
+    x = torch.randint(0, 256, (1, 10))
+    assert model(x).shape == (1, 10, cfg.vocab_size)
+    import generate
+
+    text = generate.main([f"ckpt={out / 'checkpoints' / 'last.ckpt'}", "prompt=def ", "max_new_tokens=12",
+                          "temperature=0"])
+    assert text.startswith("def ") and len(text.encode()) > 4
+
+
+def test_evaluate_prints_json_metrics(gpt_run, capsys):
+    out, _ = gpt_run
+    import evaluate
+
+    metrics = evaluate.main([f"ckpt={out / 'checkpoints' / 'last.ckpt'}", "limit_batches=2"])
+    assert {"val/loss", "val/ppl", "val/bpb"} <= set(metrics)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == pytest.approx(metrics)
+
+
+@pytest.mark.parametrize("overrides", [["model=bert"], ["model=bert", "task=classification"]])
+def test_bert_tasks_train(tmp_path, overrides):
+    metrics, _ = run(tmp_path, *overrides)
+    assert "val/acc" in metrics and metrics["global_step"] == 20
+
+
+def test_bpe_tokenizer_is_trained_cached_and_used(tmp_path):
+    import sysconfig
+
+    source = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
+    metrics, cfg = run(tmp_path, "data.tokenizer=bpe", "data.bpe_vocab_size=300", f"data.source={source}",
+                       "data.batch_size=2", "trainer.max_steps=4", "trainer.val_check_interval=2")
+    assert list(Path(cfg.paths.cache_dir).glob("bpe-300-*.json"))
+    model, mcfg = zoo.load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert mcfg.vocab_size == 320  # 300 tokens padded up to a multiple of 64
+
+
+def test_loss_falls(tmp_path):
+    metrics, _ = run(tmp_path, "trainer.max_steps=80", "trainer.val_check_interval=80", "task.lr=3e-3")
+    assert metrics["val/loss"] < 3.6  # uniform over 320 byte ids is ln(320) = 5.77
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_resume_ends_with_the_same_weights(tmp_path):
+    """30 steps in one go == 20 steps, stop, resume from last.ckpt, 10 more (CPU, no dropout)."""
+    common = ["trainer.max_steps=30", "trainer.val_check_interval=10", "logger=csv"]
+    run(tmp_path / "straight", *common)
+    run(tmp_path / "first", *common, callbacks={"stop": {"_target_": "helpers.StopAtStep", "step": 20}})
+    first_last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    assert torch.load(first_last, weights_only=True)["global_step"] == 20
+    run(tmp_path / "resumed", *common, f"ckpt_path={first_last}")
+    a = _weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    b = _weights(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "trainer.max_steps=30", "logger=csv",
+            callbacks={"poison": {"_target_": "helpers.PoisonAtStep", "step": 15}})
+    assert e.value.code == 2
+    assert "loss is nan" in capsys.readouterr().err
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 10
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+@pytest.mark.parametrize("group", ["model", "attention", "data", "trainer", "logger", "task"])
+def test_unknown_names_list_the_valid_choices(tmp_path, group):
+    with pytest.raises((ConfigCompositionException, MissingConfigException)) as e:
+        make_cfg(tmp_path, f"{group}=no_such_thing")
+    assert "Available options" in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["model=gpt", "attention=full"], "cores that would work: causal"),
+    (["model.d_model=65"], "model.d_model=65 must be divisible by model.n_heads=4"),
+    (["model.n_kv_heads=3"], "must be divisible by model.n_kv_heads=3"),
+    (["data.seq_len=100"], r"data.seq_len=100 is longer than the position table \(model.max_seq_len=64\)"),
+    (["data.tokenizer=words"], "data.tokenizer='words'; valid choices: byte, bpe"),
+    (["data.source=/no/such/dir"], "neither 'stdlib', an existing file or folder"),
+])
+def test_bad_sizes_and_fields_are_named(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        run(tmp_path, *overrides)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_bad_checkpoints_are_reported_and_never_overwritten(tmp_path, gpt_run):
+    out, _ = gpt_run
+    with pytest.raises(zoo.CheckpointError, match="does not exist"):
+        zoo.load_checkpoint(tmp_path / "missing.ckpt")
+    good = (out / "checkpoints" / "last.ckpt").read_bytes()
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good[: len(good) // 2])
+    with pytest.raises(zoo.CheckpointError, match="truncated or corrupt"):
+        zoo.load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(zoo.CheckpointError, match="not an Attention Zoo checkpoint"):
+        zoo.load_checkpoint(foreign)
+    before = truncated.read_bytes()
+    with pytest.raises(zoo.CheckpointError):
+        run(tmp_path / "resume", f"ckpt_path={truncated}")
+    assert truncated.read_bytes() == before
+    assert not (tmp_path / "resume" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
+def test_every_experiment_config_runs_a_step(tmp_path, experiment):
+    # CPU: no compile (12 s a graph), whatever the experiment asks for on its GPU
+    metrics, _ = run(tmp_path, f"experiment={experiment}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                     "logger=csv", "trainer.accelerator=cpu", "trainer.precision=32-true", "task.compile=false",
+                     "data.num_workers=0")
+    assert metrics["global_step"] == 2
