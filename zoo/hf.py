@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from zoo.checkpoint import CheckpointError
 from zoo.models import ModelConfig, ZooModel
 
 SUPPORTED = ("gpt2", "bert")
+_LM_KEY = {"gpt2": "lm_head.weight", "bert": "cls.predictions.decoder.weight"}
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                 "gelu_python_tanh": "gelu_tanh", "relu": "relu", "silu": "silu", "swish": "silu"}
 _ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
@@ -38,8 +40,8 @@ def _activation(model_type: str, c: dict, field: str, default: str) -> str:
 
 def _table(cfg: ModelConfig, kind: str, mlm: bool, cls: bool) -> list[tuple[str, tuple[str, ...], bool]]:
     """(zoo name, HF names concatenated along dim 0, transpose each HF tensor) for every converted parameter.
-    HF names are those of GPT2LMHeadModel / BertFor*; untied LM heads are added by the caller."""
-    rows = []
+    HF names are those of GPT2LMHeadModel / BertFor*. A tied LM head is the embedding: HF files may omit it."""
+    rows = [("lm_head.weight", (_LM_KEY[kind],), False)] if not cfg.tie_embeddings else []
 
     def lin(zoo, hf, transpose=False):  # a Linear or LayerNorm: weight and bias
         for p in ("weight", "bias"):
@@ -119,31 +121,31 @@ def _import(kind: str, zoo_cfg: dict, state: dict) -> ZooModel:
     cfg = ModelConfig.from_dict(zoo_cfg)
     model = ZooModel(cfg)
     rows = _table(cfg, kind, mlm, cls)
-    lm_key = "lm_head.weight" if kind == "gpt2" else "cls.predictions.decoder.weight"
-    if not cfg.tie_embeddings:
-        rows.append(("lm_head.weight", (lm_key,), False))
     missing = sorted({h for _, hs, _ in rows for h in hs if h not in state})
     if missing:
         raise CheckpointError(f"{kind} weights are missing {len(missing)} tensor(s) its config needs: {missing[:8]}")
-    used = {h for _, hs, _ in rows for h in hs} | ({lm_key} if cfg.tie_embeddings else set())
+    used = {h for _, hs, _ in rows for h in hs} | {_LM_KEY[kind]}  # a tied copy in the file is ignored
     unexpected = sorted(k for k in state if k not in used and not k.startswith(ignored))
     if unexpected:
         raise CheckpointError(f"{kind} weights hold tensor(s) with no place in the zoo model: {unexpected[:8]}")
-    ours = {}
+    if not mlm and kind == "bert":
+        warnings.warn("these BERT weights have no MLM head (cls.predictions.*): model(...) gives logits from an "
+                      "untrained head; model.classify(...) is the converted one", stacklevel=3)
+    ours, expected = {}, model.state_dict()
     for zoo, hs, transpose in rows:
         parts = [state[h].t() if transpose and state[h].dim() == 2 else state[h] for h in hs]
+        shapes = [tuple(p.shape) for p in parts]
+        if len({s[1:] for s in shapes}) > 1 or (sum(s[0] for s in shapes),) + shapes[0][1:] != expected[zoo].shape:
+            raise CheckpointError(f"{kind} weights do not fit config.json: {', '.join(hs)} {shapes} cannot make "
+                                  f"{zoo} of shape {tuple(expected[zoo].shape)}")
         ours[zoo] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
-    expected = model.state_dict()
-    for k, v in ours.items():
-        if v.shape != expected[k].shape:
-            raise CheckpointError(f"{kind} weights do not fit config.json: {k} is {tuple(v.shape)}, "
-                                  f"the config makes it {tuple(expected[k].shape)}")
     model.load_state_dict(ours, strict=False)  # the tied lm_head.weight and (if absent) the MLM head stay as built
     return model.eval()
 
 
 def from_hf_gpt2(config: dict, state_dict: dict) -> ZooModel:
-    c = config
+    """GPT2LMHeadModel (or GPT2Model) weights -> ZooModel; config is config.json's dict or a GPT2Config."""
+    c = config.to_dict() if hasattr(config, "to_dict") else config
     _check_hf("gpt2", c, "add_cross_attention", False, (False,))
     _check_hf("gpt2", c, "scale_attn_weights", True, (True,))
     _check_hf("gpt2", c, "scale_attn_by_inverse_layer_idx", False, (False,))
@@ -161,7 +163,8 @@ def from_hf_gpt2(config: dict, state_dict: dict) -> ZooModel:
 
 
 def from_hf_bert(config: dict, state_dict: dict) -> ZooModel:
-    c = config
+    """BertForMaskedLM / BertForSequenceClassification / BertForPreTraining / BertModel weights -> ZooModel."""
+    c = config.to_dict() if hasattr(config, "to_dict") else config
     _check_hf("bert", c, "is_decoder", False, (False,))
     _check_hf("bert", c, "add_cross_attention", False, (False,))
     _check_hf("bert", c, "position_embedding_type", "absolute", ("absolute",))
@@ -205,11 +208,8 @@ def _export(model: ZooModel, kind: str) -> dict:
     ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if kind == "bert" and not cfg.type_vocab_size:
         ours["trunk.type_emb.weight"] = torch.zeros(1, cfg.d_model, dtype=ours["trunk.tok_emb.weight"].dtype)
-    rows = _table(cfg, kind, mlm, cls)
-    if not cfg.tie_embeddings:
-        rows.append(("lm_head.weight", ("lm_head.weight" if kind == "gpt2" else "cls.predictions.decoder.weight",), False))
     state = {}
-    for zoo, hs, transpose in rows:
+    for zoo, hs, transpose in _table(cfg, kind, mlm, cls):
         for h, part in zip(hs, ours[zoo].chunk(len(hs), dim=0)):
             # own, contiguous storage: safetensors refuses views and shared tensors
             state[h] = (part.t() if transpose and part.dim() == 2 else part).contiguous().clone()
@@ -249,7 +249,8 @@ def to_hf_bert(model: ZooModel) -> tuple[dict, dict]:
 
 
 _FROM_HF = {"gpt2": from_hf_gpt2, "bert": from_hf_bert}
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",  # in the order transformers prefers them
+                 "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def _read_file(path: Path) -> dict:
