@@ -1,8 +1,8 @@
-"""Load and save without Hydra or Lightning: `load_checkpoint(path) -> (model, config)`.
+"""Load train.py's checkpoints without Hydra or Lightning: `load_checkpoint(path) -> (model, config)`.
 
 Loading never executes code from a file: Lightning checkpoints are read with
-`torch.load(weights_only=True)`, Hugging Face directories through safetensors (or a weights-only
-`torch.load` of pytorch_model.bin). Every failure names the file and what is wrong with it.
+`torch.load(weights_only=True)`. Every failure names the file and what is wrong with it.
+Hugging Face format directories are zoo/hf.py's (load_pretrained / save_pretrained).
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def model_from_checkpoint(ckpt: dict) -> ZooModel:
 
 
 def load_checkpoint(path, map_location="cpu") -> tuple[ZooModel, ModelConfig]:
-    """Rebuild a model from a Lightning checkpoint written by train.py (or a safetensors export)."""
+    """Rebuild a model from a Lightning checkpoint written by train.py."""
     ckpt = read_checkpoint(path)
     model = model_from_checkpoint(ckpt).to(map_location).eval()
     return model, model.cfg
