@@ -163,3 +163,20 @@ def test_every_experiment_config_runs_a_step(tmp_path, experiment):
                      "logger=csv", "trainer.accelerator=cpu", "trainer.precision=32-true", "task.compile=false",
                      "data.num_workers=0")
     assert metrics["global_step"] == 2
+
+
+def test_multirun_sweep_then_compare(tmp_path):
+    """`python train.py -m model=gpt,bert` as a user runs it: one directory and one metrics.json per job."""
+    import subprocess
+
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "model=gpt,bert", "debug=smoke", "logger=csv",
+           "trainer.max_steps=4", "trainer.val_check_interval=2", f"hydra.sweep.dir={sweep}"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list(sweep.glob("*/metrics.json"))) == 2
+    import compare
+
+    rows = compare.main([str(sweep)])
+    assert sorted(r["model"] for r in rows) == ["bert", "gpt"]
+    assert (sweep / "compare.md").exists()
