@@ -5,10 +5,12 @@ carries what is needed to rebuild its model in a bare Python session (zoo.load_c
 """
 from __future__ import annotations
 
+import collections
 import math
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.plugins.precision import Precision
 
 from zoo.models import build_model
 from zoo.tasks.throughput import Throughput, peak_flops
@@ -50,16 +52,25 @@ class ZooTask(pl.LightningModule):
         self.hparams["model"] = self.net.cfg.to_dict()
         self.throughput = Throughput()
         self._peak = None
-        self._compiled = None
+        # compiled callables, by name: a plain dict, so that no compiled wrapper is registered as a submodule
+        # (it would put a second copy of every weight under `_compiled._orig_mod.*` into the state dict, and a
+        # fresh task resuming from that checkpoint would refuse the unexpected keys)
+        self._compiled: dict = {}
+        self._pending_losses: collections.deque = collections.deque()  # (step, pinned host copy, CUDA event)
+        self._host_loss: float | None = None  # the latest training loss that has reached the host
+
+    def compiled(self, name: str, fn):
+        """`fn` compiled once (by `name`) when task.compile=true, else `fn` itself: the plain path."""
+        if not self.hparams.compile:
+            return fn
+        if name not in self._compiled:
+            self._compiled[name] = torch.compile(fn)
+        return self._compiled[name]
 
     # the network the steps run: compiled lazily so that the uncompiled module stays in the checkpoint
     @property
     def runner(self):
-        if not self.hparams.compile:
-            return self.net
-        if self._compiled is None:
-            self._compiled = torch.compile(self.net)
-        return self._compiled
+        return self.compiled("net", self.net)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -71,12 +82,71 @@ class ZooTask(pl.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total, hp.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales gradients itself
+        # (fused AdamW), also under bf16-mixed, where there is no scaler and so nothing to unscale: clip plainly then.
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and getattr(plugin, "scaler", False) is None \
+                and getattr(optimizer, "_step_supports_amp_scaling", False):
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, gradient_clip_algorithm or "norm")
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    @staticmethod
+    def _nonfinite(value: float, step: int) -> NonFiniteLossError:
+        return NonFiniteLossError(
+            f"loss is {value} at step {step}: stopping; the last good checkpoint is kept "
+            "(lower optim.lr, raise trainer.gradient_clip_val, or check the data)"
+        )
+
     def check_finite(self, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at step {self.global_step}: stopping; the last good checkpoint is kept "
-                "(lower optim.lr, raise trainer.gradient_clip_val, or check the data)"
-            )
+        """Stop the run on a NaN/inf loss.
+
+        On the CPU the check is immediate. On CUDA it costs no synchronisation: the loss travels to pinned host
+        memory asynchronously and is read once its copy has landed (a step or two later), so the host keeps
+        queueing work ahead of the GPU. A checkpoint waits for every pending loss (`on_save_checkpoint`): a
+        non-finite loss stops the run before any checkpoint that follows it is written."""
+        loss = loss.detach()
+        if loss.device.type != "cuda":
+            value = float(loss)
+            self._host_loss = value
+            if not math.isfinite(value):
+                raise self._nonfinite(value, self.global_step)
+            return
+        host = torch.empty((), dtype=torch.float32, pin_memory=True)
+        host.copy_(loss, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending_losses.append((self.global_step, host, event))
+        self._drain_losses(wait=False)
+
+    def _drain_losses(self, wait: bool) -> None:
+        """Read the losses whose copies have landed (all of them if `wait`); raise on the first non-finite."""
+        while self._pending_losses:
+            step, host, event = self._pending_losses[0]
+            if not wait and not event.query():
+                return
+            event.synchronize()
+            self._pending_losses.popleft()
+            value = host.item()
+            self._host_loss = value
+            if not math.isfinite(value):
+                self._pending_losses.clear()
+                raise self._nonfinite(value, step)
+
+    def on_save_checkpoint(self, checkpoint):
+        self._drain_losses(wait=True)
+
+    def on_train_end(self):
+        self._drain_losses(wait=True)
+
+    def log_train_loss(self, loss: torch.Tensor) -> None:
+        """Check and log the training loss without a per-step GPU sync: the logger gets this step's tensor
+        (read every trainer.log_every_n_steps); the progress bar, the latest loss that has reached the host."""
+        self.check_finite(loss)
+        self.log("train/loss", loss, on_step=True, on_epoch=False)
+        if self._host_loss is not None:
+            self.log("loss", _host(self._host_loss), on_step=True, on_epoch=False, prog_bar=True, logger=False)
 
     def log_speed(self, tokens: int) -> None:
         """tokens/s, MFU and peak memory, from rank-local figures (all ranks run the same shapes)."""
@@ -88,8 +158,14 @@ class ZooTask(pl.LightningModule):
         if self.device.type == "cuda":
             stats["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         for k, v in stats.items():
-            self.log(f"train/{k}", v, on_step=True, on_epoch=False, prog_bar=k == "tokens_per_s")
+            self.log(f"train/{k}", _host(v), on_step=True, on_epoch=False, prog_bar=k == "tokens_per_s")
 
     def on_train_batch_start(self, batch, batch_idx):
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-        self.log("train/lr", lr, on_step=True, on_epoch=False)
+        self.log("train/lr", _host(lr), on_step=True, on_epoch=False)
+
+
+def _host(value: float) -> torch.Tensor:
+    """A host-side number as a CPU tensor for self.log: Lightning turns a Python number into a tensor on the
+    module's device, a blocking copy that waits for every queued GPU kernel (a full sync per logged number)."""
+    return torch.tensor(float(value), dtype=torch.float32)

@@ -22,8 +22,7 @@ class SequenceClassification(ZooTask):
 
     def training_step(self, batch, batch_idx):
         loss, acc = self._step(batch)
-        self.check_finite(loss)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log_train_loss(loss)
         self.log("train/acc", acc, on_step=True, on_epoch=False)
         self.log_speed(batch["input_ids"].numel())
         return loss

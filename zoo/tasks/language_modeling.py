@@ -9,17 +9,31 @@ import torch.nn.functional as F
 from zoo.tasks.base import ZooTask
 
 
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the positions whose label is not -100, computed in float32."""
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+
+
+def token_loss(net, input_ids, attention_mask, labels) -> torch.Tensor:
+    """The training loss: network and cross-entropy in one function, so that under task.compile=true they
+    compile as one graph. Compiled apart, the float32 copy of the (tokens, vocab) logits, the log-softmax and
+    its gradient each make a pass over memory: GPT-2 124M, batch 32 x 1024 (3.3 GB of bf16 logits) on an H200
+    spent 17 ms of GPU time per step on them; compiled together they fuse into one reduction forward and one
+    pass backward (4.3 ms), and the float32 logits are never stored (peak memory 30.4 -> 15.5 GiB).
+    Run uncompiled, this is exactly the plain path (tests/test_fast_paths.py)."""
+    return token_cross_entropy(net(input_ids, attention_mask=attention_mask), labels)
+
+
 class _TokenPrediction(ZooTask):
     def _loss(self, batch):
         logits = self.runner(batch["input_ids"], attention_mask=batch.get("attention_mask"))
         labels = batch["labels"]
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
-        return loss, logits, labels
+        return token_cross_entropy(logits, labels), logits, labels
 
     def training_step(self, batch, batch_idx):
-        loss, logits, labels = self._loss(batch)
-        self.check_finite(loss)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        loss = self.compiled("token_loss", token_loss)(
+            self.net, batch["input_ids"], batch.get("attention_mask"), batch["labels"])
+        self.log_train_loss(loss)
         self.log_speed(batch["input_ids"].numel())
         return loss
 
