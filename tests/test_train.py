@@ -180,3 +180,13 @@ def test_multirun_sweep_then_compare(tmp_path):
     rows = compare.main([str(sweep)])
     assert sorted(r["model"] for r in rows) == ["bert", "gpt"]
     assert (sweep / "compare.md").exists()
+
+
+def test_resume_continues_the_same_wandb_run(tmp_path, gpt_run):
+    out, _ = gpt_run
+    last = out / "checkpoints" / "last.ckpt"
+    run_id = torch.load(last, weights_only=True)["zoo_run"]["wandb_id"]
+    assert run_id and list((out / "wandb").glob(f"offline-run-*-{run_id}"))
+    run(tmp_path, f"ckpt_path={last}", "trainer.max_steps=22")
+    assert list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}")), "the resumed run started a new wandb run"
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["zoo_run"]["wandb_id"] == run_id
