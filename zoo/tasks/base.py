@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import math
+import resource
 
 import lightning.pytorch as pl
 import torch
@@ -157,6 +158,8 @@ class ZooTask(pl.LightningModule):
         stats = self.throughput.step(tokens, self.net.flops_per_token(seq_len), self._peak, self.trainer.world_size)
         if self.device.type == "cuda":
             stats["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:  # the process's peak resident set: an upper bound (it includes Python and the data)
+            stats["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         for k, v in stats.items():
             self.log(f"train/{k}", _host(v), on_step=True, on_epoch=False, prog_bar=k == "tokens_per_s")
 
