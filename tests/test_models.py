@@ -69,3 +69,15 @@ def test_train_yaml_lists_every_model_field():
 
     declared = set(yaml.safe_load((zoo.models.registry.CONF_DIR / "train.yaml").read_text())["model"])
     assert declared == {f.name for f in dataclasses.fields(zoo.ModelConfig)}
+
+
+def test_models_import_neither_lightning_nor_hydra():
+    """A model is plain PyTorch: `import zoo` in a bare session pulls in no training framework."""
+    import subprocess
+    import sys
+
+    code = ("import sys, zoo, zoo.blocks, zoo.models, kernels; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'hydra', 'omegaconf', 'transformers'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=zoo.models.registry.CONF_DIR.parent).stdout.strip()
+    assert out == "[]"
