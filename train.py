@@ -47,7 +47,9 @@ def wandb_mode() -> str:
 
 class RunInfo(pl.Callback):
     """Makes every checkpoint self-contained: the logger run id (a resumed run continues the same wandb
-    run), the task and data config (scripts/evaluate.py), and the tokenizer itself (scripts/generate.py)."""
+    run), the task and data config (scripts/evaluate.py), the tokenizer itself (scripts/generate.py), and
+    the torch RNG state, so that dropout after a resume draws what an uninterrupted run would have drawn
+    (Lightning does not save it; under DDP the saving rank's state is restored on every rank)."""
 
     def __init__(self, wandb_id: str | None, cfg: DictConfig, dm):
         self.wandb_id, self.dm = wandb_id, dm
@@ -56,7 +58,16 @@ class RunInfo(pl.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         checkpoint["zoo_run"] = {"wandb_id": self.wandb_id, "task": self.task_target, "data": self.data_cfg,
-                                 "tokenizer": tokenizer_state(self.dm.load_tokenizer())}
+                                 "tokenizer": tokenizer_state(self.dm.load_tokenizer()),
+                                 "rng": {"cpu": torch.get_rng_state(),
+                                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        rng = checkpoint.get("zoo_run", {}).get("rng")
+        if rng:
+            torch.set_rng_state(rng["cpu"])
+            if rng["cuda"] and torch.cuda.device_count() == len(rng["cuda"]):
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def build_loggers(cfg: DictConfig, resume_id: str | None):

@@ -96,8 +96,11 @@ class _CorpusDataModule(pl.LightningDataModule):
     def _loader(self, dataset, shuffle: bool):
         rank, world = self._rank_world()
         sampler = ResumableBatchSampler(len(dataset), self.batch_size, shuffle, self.seed, rank, world)
+        # a generator of its own: a DataLoader draws its workers' base seed at every iter() from the generator it
+        # has, else from the global RNG, which would shift the dropout of a resumed run (its iterators start later)
         loader = ResumableLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                                 collate_fn=_collate, persistent_workers=self.num_workers > 0)
+                                 collate_fn=_collate, persistent_workers=self.num_workers > 0,
+                                 generator=torch.Generator().manual_seed(self.seed))
         return loader, sampler
 
     def train_dataloader(self):

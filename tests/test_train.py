@@ -90,9 +90,10 @@ def _weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
-def test_resume_ends_with_the_same_weights(tmp_path):
-    """30 steps in one go == 20 steps, stop, resume from last.ckpt, 10 more (CPU, no dropout)."""
-    common = ["trainer.max_steps=30", "trainer.val_check_interval=10", "logger=csv"]
+@pytest.mark.parametrize("model", ["gpt", "bert"])  # bert: dropout 0.1 and MLM masking
+def test_resume_ends_with_the_same_weights(tmp_path, model):
+    """30 steps in one go == 20 steps, stop, resume from last.ckpt, 10 more (CPU)."""
+    common = [f"model={model}", "trainer.max_steps=30", "trainer.val_check_interval=10", "logger=csv"]
     run(tmp_path / "straight", *common)
     run(tmp_path / "first", *common, callbacks={"stop": {"_target_": "helpers.StopAtStep", "step": 20}})
     first_last = tmp_path / "first" / "checkpoints" / "last.ckpt"

@@ -21,8 +21,10 @@ def _measured_peak(device_type: str, index: int | None, dtype: torch.dtype) -> f
     device = torch.device(device_type, index) if index is not None else torch.device(device_type)
     # large enough to reach the matmul plateau; the best of several timings (the peak, not the average)
     n = 4096 if device_type == "cuda" else 1536
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # constant operands: drawing random ones would advance the global RNG, and a run's dropout would then
+    # depend on whether an earlier run in the same process had already measured (the result is cached)
+    a = torch.full((n, n), 0.5, device=device, dtype=dtype)
+    b = torch.full((n, n), 0.25, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
     a @ b
     sync()
