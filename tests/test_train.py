@@ -81,6 +81,15 @@ def test_bpe_tokenizer_is_trained_cached_and_used(tmp_path):
     assert mcfg.vocab_size == 320  # 300 tokens padded up to a multiple of 64
 
 
+@pytest.mark.parametrize("logger, written", [("tensorboard", "tensorboard/*/events.out.tfevents.*"),
+                                             ("csv", "csv/*/metrics.csv"), ("none", None)])
+def test_each_logger_writes_its_files(tmp_path, logger, written):
+    metrics, _ = run(tmp_path, f"logger={logger}", "trainer.max_steps=4", "trainer.val_check_interval=2")
+    assert metrics["global_step"] == 4 and (tmp_path / "metrics.json").exists()
+    if written:
+        assert list(tmp_path.glob(written)), f"logger={logger} wrote nothing"
+
+
 def test_loss_falls(tmp_path):
     metrics, _ = run(tmp_path, "trainer.max_steps=80", "trainer.val_check_interval=80", "task.lr=3e-3")
     assert metrics["val/loss"] < 3.6  # uniform over 320 byte ids is ln(320) = 5.77
