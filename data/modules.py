@@ -111,6 +111,12 @@ class _CorpusDataModule(pl.LightningDataModule):
         loader, _ = self._loader(self.val_set, shuffle=False)
         return loader
 
+    def _cap_val(self) -> None:
+        """Keep the first max_val_batches batches of validation (every run validates on the same ones)."""
+        if self.max_val_batches:
+            n = min(len(self.val_set), self.max_val_batches * self.batch_size)
+            self.val_set.truncate(n)
+
     def on_before_batch_transfer(self, batch, dataloader_idx):
         pos = batch.pop("batch_number")
         if self.trainer is not None and self.trainer.training and self._train_sampler is not None:
@@ -132,6 +138,9 @@ class _Windows(Dataset):
     def __len__(self):
         return self.n
 
+    def truncate(self, n: int) -> None:
+        self.n = min(self.n, n)
+
     def window(self, i: int) -> torch.Tensor:
         start = i * (self.length - 1)
         return torch.from_numpy(np.array(self.stream[start : start + self.length], dtype=np.int64))
@@ -151,8 +160,7 @@ class CausalLMDataModule(_CorpusDataModule):
         train, val, self.val_bytes_per_token = self.token_streams()
         self.train_set = _CausalWindows(train, self.seq_len + 1)
         self.val_set = _CausalWindows(val, self.seq_len + 1)
-        if self.max_val_batches:
-            self.val_set.n = min(self.val_set.n, self.max_val_batches * self.batch_size)
+        self._cap_val()
 
 
 class _MaskedWindows(_Windows):
@@ -160,7 +168,8 @@ class _MaskedWindows(_Windows):
     10% a random token, 10% stay. Randomness is seeded by (seed, epoch, index): reproducible anywhere."""
 
     def __init__(self, stream, length, tok, vocab_size, seed, mask_prob=0.15):
-        super().__init__(stream, length + 1)  # +1 so the stride equals seq_len - 1 ... then trimmed
+        # windows of seq_len + 1 advance by seq_len; dropping each one's last token gives non-overlapping seq_len
+        super().__init__(stream, length + 1)
         self.tok, self.vocab, self.seed, self.mask_prob = tok, tok.n_tokens, seed, mask_prob
         self.special = torch.tensor(tok.special_ids)
 
@@ -192,8 +201,7 @@ class MLMDataModule(_CorpusDataModule):
         tok = self.load_tokenizer()
         self.train_set = _MaskedWindows(train, self.seq_len, tok, self.vocab_size, self.seed, self.mask_prob)
         self.val_set = _MaskedWindows(val, self.seq_len, tok, self.vocab_size, self.seed + 1, self.mask_prob)
-        if self.max_val_batches:
-            self.val_set.n = min(self.val_set.n, self.max_val_batches * self.batch_size)
+        self._cap_val()
 
 
 class _LabelledChunks(Dataset):
@@ -202,6 +210,9 @@ class _LabelledChunks(Dataset):
 
     def __len__(self):
         return len(self.chunks)
+
+    def truncate(self, n: int) -> None:
+        self.chunks, self.labels = self.chunks[:n], self.labels[:n]
 
     def __getitem__(self, key):
         epoch, i, b = key
@@ -238,9 +249,7 @@ class ClassificationDataModule(_CorpusDataModule):
         tok = self.load_tokenizer()
         train, val = split_corpus([d for d in docs if d.name.split("/")[0] in self.classes], self.val_percent)
         self.train_set, self.val_set = (self._chunks(split, tok) for split in (train, val))
-        if self.max_val_batches:
-            n = min(len(self.val_set), self.max_val_batches * self.batch_size)
-            self.val_set.chunks, self.val_set.labels = self.val_set.chunks[:n], self.val_set.labels[:n]
+        self._cap_val()
         self.val_bytes_per_token = 1.0
 
     def _chunks(self, docs, tok) -> _LabelledChunks:

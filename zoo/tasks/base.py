@@ -79,7 +79,8 @@ class ZooTask(pl.LightningModule):
         opt = torch.optim.AdamW(param_groups(self.net, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
                                 fused=fused)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(hp.warmup_steps, max(1, total // 10)) if total < hp.warmup_steps * 2 else hp.warmup_steps
+        # a run too short for its warmup (a smoke test) warms up over its first tenth instead
+        warmup = hp.warmup_steps if total >= 2 * hp.warmup_steps else min(hp.warmup_steps, max(1, total // 10))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total, hp.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
