@@ -4,7 +4,6 @@ The math lives in the core (zoo.blocks.cores -> kernels); this module only shape
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from zoo.blocks.cores import build_core
@@ -23,8 +22,9 @@ class Attention(nn.Module):
         self.rope = RotaryEmbedding(self.head_dim, cfg.rope_base) if cfg.position == "rope" else None
         options = {k: v for k, v in cfg.attention.items() if k != "core"}
         self.core = build_core(cfg.attention["core"], causal=cfg.causal, dropout=cfg.attn_dropout, **options)
+        self.core.setup(cfg)
 
-    def forward(self, x, positions, key_padding_mask=None, cache: dict | None = None):
+    def forward(self, x, positions, key_padding_mask=None, cache: dict | None = None, context: dict | None = None):
         b, n, _ = x.shape
         hd = self.head_dim
         sizes = [self.n_heads * hd] + ([] if self.shared_qk else [self.n_kv_heads * hd]) + [self.n_kv_heads * hd]
@@ -34,10 +34,7 @@ class Attention(nn.Module):
         v = parts[-1].view(b, n, self.n_kv_heads, hd).transpose(1, 2)
         if self.rope is not None:
             q, k = self.rope(q, positions), self.rope(k, positions)
-        if cache is not None:
-            # incremental decoding: keys/values of earlier steps; GQA/MQA keep only n_kv_heads of them
-            if "k" in cache:
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
-        y = self.core(q, k, v, key_padding_mask=key_padding_mask)
+        # the core owns the cache (GQA/MQA keep only n_kv_heads of keys/values in it)
+        context = {**(context or {}), "hidden": x, "positions": positions}
+        y = self.core(q, k, v, key_padding_mask=key_padding_mask, cache=cache, context=context)
         return self.out(y.transpose(1, 2).reshape(b, n, self.n_heads * hd))

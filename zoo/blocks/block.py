@@ -18,10 +18,10 @@ class Block(nn.Module):
         self.ffn = build_ffn(cfg.ffn, cfg.d_model, cfg.d_ff, cfg.activation, cfg.bias, cfg.dropout)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, positions, key_padding_mask=None, cache=None):
+    def forward(self, x, positions, key_padding_mask=None, cache=None, context=None):
         if self.prenorm:  # GPT-2, LLaMA: x + f(norm(x))
-            x = x + self.dropout(self.attn(self.norm1(x), positions, key_padding_mask, cache))
+            x = x + self.dropout(self.attn(self.norm1(x), positions, key_padding_mask, cache, context))
             return x + self.ffn(self.norm2(x))
         # BERT: norm(x + f(x))
-        x = self.norm1(x + self.dropout(self.attn(x, positions, key_padding_mask, cache)))
+        x = self.norm1(x + self.dropout(self.attn(x, positions, key_padding_mask, cache, context)))
         return self.norm2(x + self.ffn(x))

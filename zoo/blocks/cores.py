@@ -3,9 +3,19 @@
 A core declares what it can do (bidirectional, causal, shared QK, incremental decoding with a KV
 cache), and `check_core` validates a model/core pair once, when the config is built, with an
 error that names the cores that would work. Later cores register themselves with `@register_core`.
+
+The calling convention every core follows:
+    core(q, k, v, key_padding_mask=None, cache=None, context=None) -> (batch, heads, seq_q, head_dim)
+- `cache` is this layer's dict for incremental decoding; the core owns what goes in it (all keys
+  and values for softmax, a rolling window for sliding-window attention, a fixed-size state for
+  linear attention).
+- `context` carries what some cores need beyond q, k, v: the block's input `hidden` (Longformer's
+  global projections), `positions`, and per-example inputs such as `global_attention_mask`.
+- `setup(cfg)` runs once after construction with the model config, for cores that own parameters.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 import kernels
@@ -33,24 +43,41 @@ class AttentionCore(nn.Module):
         self.dropout = dropout
         self.backend = backend
 
-    def forward(self, q, k, v, key_padding_mask=None):
+    def setup(self, cfg) -> None:
+        """Called once with the model config; cores with their own parameters create them here."""
+
+    def forward(self, q, k, v, key_padding_mask=None, cache=None, context=None):
         raise NotImplementedError
 
-    def reference(self, q, k, v, key_padding_mask=None):
+    def reference(self, q, k, v, key_padding_mask=None, context=None):
         """The plain implementation that tests hold the fast path equal to."""
         raise NotImplementedError
+
+    @staticmethod
+    def append_kv(cache: dict, k, v, keep: int | None = None):
+        """Add this step's keys/values to the cache and return all of them. `keep` bounds the
+        cache to the last `keep` positions (a rolling buffer), so its memory stays constant."""
+        if "k" in cache:
+            k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+        if keep is not None:
+            cache["k"], cache["v"] = k[:, :, -keep:], v[:, :, -keep:]
+        else:
+            cache["k"], cache["v"] = k, v
+        return k, v
 
 
 class _SoftmaxCore(AttentionCore):
     supports_kv_cache = True
 
-    def forward(self, q, k, v, key_padding_mask=None):
+    def forward(self, q, k, v, key_padding_mask=None, cache=None, context=None):
+        if cache is not None:
+            k, v = self.append_kv(cache, k, v)
         return kernels.attention(
             q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
             dropout_p=self.dropout if self.training else 0.0, backend=self.backend,
         )
 
-    def reference(self, q, k, v, key_padding_mask=None):
+    def reference(self, q, k, v, key_padding_mask=None, context=None):
         return kernels.attention_reference(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask)
 
 

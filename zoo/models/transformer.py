@@ -28,7 +28,8 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.final_norm else None
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, start_pos: int = 0, cache=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, start_pos: int = 0, cache=None,
+                global_attention_mask=None):
         b, n = input_ids.shape
         end = start_pos + n
         if self.cfg.position in ("learned", "sinusoidal") and end > self.cfg.max_seq_len:
@@ -46,12 +47,15 @@ class Transformer(nn.Module):
             x = self.emb_norm(x)
         x = self.drop(x)
         key_padding_mask = attention_mask.bool() if attention_mask is not None else None
+        # per-example inputs that some cores read (Longformer's global tokens)
+        context = {"global_attention_mask": global_attention_mask.bool()} if global_attention_mask is not None else None
         for i, block in enumerate(self.blocks):
             layer_cache = cache[i] if cache is not None else None
             if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, positions, key_padding_mask, None, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, positions, key_padding_mask, None, context,
+                                                      use_reentrant=False)
             else:
-                x = block(x, positions, key_padding_mask, layer_cache)
+                x = block(x, positions, key_padding_mask, layer_cache, context)
         return self.norm(x) if self.norm is not None else x
 
 
@@ -106,21 +110,29 @@ class ZooModel(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None, start_pos=0, cache=None):
-        return self.trunk(input_ids, attention_mask, token_type_ids, start_pos, cache)
+    def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None, start_pos=0, cache=None,
+                      global_attention_mask=None):
+        return self.trunk(input_ids, attention_mask, token_type_ids, start_pos, cache, global_attention_mask)
 
     def logits(self, hidden):
         if self.mlm_head is not None:
             hidden = self.mlm_head(hidden)
         return self.lm_head(hidden)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, start_pos: int = 0, cache=None):
-        return self.logits(self.hidden_states(input_ids, attention_mask, token_type_ids, start_pos, cache))
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, start_pos: int = 0, cache=None,
+                global_attention_mask=None):
+        return self.logits(self.hidden_states(input_ids, attention_mask, token_type_ids, start_pos, cache,
+                                              global_attention_mask))
 
-    def classify(self, input_ids, attention_mask=None, token_type_ids=None):
+    def classify(self, input_ids, attention_mask=None, token_type_ids=None, global_attention_mask=None):
         if self.cls_head is None:
             raise ValueError("this model has no classification head: build it with model.num_labels > 0")
-        return self.cls_head(self.hidden_states(input_ids, attention_mask, token_type_ids))
+        if global_attention_mask is None and getattr(self.trunk.blocks[0].attn.core, "uses_global_tokens", False):
+            # Longformer's recipe: the pooled first token attends to the whole sequence
+            global_attention_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+            global_attention_mask[:, 0] = True
+        return self.cls_head(self.hidden_states(input_ids, attention_mask, token_type_ids,
+                                                global_attention_mask=global_attention_mask))
 
     def new_cache(self) -> list[dict]:
         """An empty KV cache, one dict per layer, for incremental decoding."""
