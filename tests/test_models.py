@@ -38,7 +38,7 @@ def test_impossible_configs_name_the_field(override, match):
 
 
 def test_unknown_model_lists_choices():
-    with pytest.raises(ValueError, match="valid choices: bert, gpt"):
+    with pytest.raises(ValueError, match="valid choices: .*bert.*gpt"):
         zoo.build_model("gtp")
 
 

@@ -6,6 +6,8 @@ from zoo.blocks.ffn import MLP, SwiGLU, build_ffn
 from zoo.blocks.norms import LayerNorm, RMSNorm, build_norm
 from zoo.blocks.positions import LearnedPositions, RotaryEmbedding, SinusoidalPositions
 
+import zoo.blocks.sparse_cores  # noqa: F401  (registers sliding_window, longformer, bigbird, sparse_strided)
+
 __all__ = [
     "Attention", "AttentionCore", "Block", "CORES", "LayerNorm", "LearnedPositions", "MLP", "RMSNorm",
     "RotaryEmbedding", "SinusoidalPositions", "SwiGLU", "build_core", "build_ffn", "build_norm", "check_core",

@@ -15,6 +15,8 @@ The calling convention every core follows:
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
 
@@ -113,6 +115,25 @@ def check_core(name: str, causal: bool, model_name: str = "this model") -> type[
             f"cores that would work: {', '.join(compatible_cores(causal))}"
         )
     return cls
+
+
+def core_options(name: str) -> set[str]:
+    """The options (constructor keywords) a core takes, besides `causal`."""
+    params = inspect.signature(CORES[name].__init__).parameters
+    return {p for p in params if p not in ("self", "causal", "dropout")}  # dropout: model.attn_dropout
+
+
+def split_options(name: str, options: dict) -> tuple[dict, list[str]]:
+    """Options for core `name`, and those that belong to another core only. A model's YAML sets its own
+    core's options (model=longformer: window); switching core (attention=full) leaves them behind, and
+    they are dropped rather than breaking the run. An option no core knows is an error."""
+    mine = core_options(name)
+    known = set().union(*(core_options(n) for n in CORES))
+    unknown = sorted(set(options) - known - {"core"})
+    if unknown:
+        raise ValueError(f"attention option(s) {unknown} are unknown; core {name!r} takes: {', '.join(sorted(mine))}")
+    kept = {k: v for k, v in options.items() if k in mine}
+    return kept, sorted(set(options) - mine - {"core"})
 
 
 def build_core(name: str, causal: bool, **options) -> AttentionCore:

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
-from zoo.blocks.cores import check_core
+from zoo.blocks.cores import check_core, split_options
 from zoo.blocks.ffn import ACTIVATIONS, FFNS
 from zoo.blocks.norms import NORMS
 from zoo.blocks.positions import POSITIONS
@@ -92,6 +93,10 @@ class ModelConfig:
             raise ValueError("model.attention must be a mapping with a 'core' key, e.g. {core: causal}")
         self.attention = dict(self.attention)
         core = check_core(self.attention["core"], self.causal, model_name=f"model {self.name!r}")
+        options, dropped = split_options(core.name, {k: v for k, v in self.attention.items() if k != "core"})
+        if dropped:
+            warnings.warn(f"attention.core={core.name!r} ignores the option(s) {dropped} (set for another core)")
+        self.attention = {"core": core.name, **options}
         if core.needs_shared_qk and not self.shared_qk:
             raise ValueError(f"attention.core={core.name!r} needs model.shared_qk=true")
         for p in ("dropout", "attn_dropout"):

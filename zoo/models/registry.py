@@ -3,12 +3,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import yaml
+from omegaconf import OmegaConf
 
 from zoo.models.config import ModelConfig
 from zoo.models.transformer import ZooModel
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+# `${cuda_or:4096,1024}` in a model file: the first value where CUDA is available, the second elsewhere
+# (long-sequence models default to lengths a CPU can train). Registered here so that both Hydra (train.py
+# imports zoo.models) and build_model() resolve it.
+OmegaConf.register_new_resolver("cuda_or", lambda gpu, cpu: gpu if torch.cuda.is_available() else cpu, replace=True)
 
 
 def available(group: str) -> list[str]:
@@ -28,7 +35,7 @@ def _load_group(group: str, name: str) -> dict:
             merged.update(_load_group(group, parent))
     # model files are `@package _global_` (so that they can pick a task): their fields sit under `model:`
     merged.update(node.get(group, node) if group == "model" else node)
-    return merged
+    return OmegaConf.to_container(OmegaConf.create(merged), resolve=True)
 
 
 def model_config(name_or_config, **overrides) -> ModelConfig:

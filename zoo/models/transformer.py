@@ -26,6 +26,8 @@ class Transformer(nn.Module):
         self.emb_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        for i, block in enumerate(self.blocks):
+            block.attn.core.layer_idx = i  # cores with per-layer randomness (BigBird's layout) seed from it
         self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.final_norm else None
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, start_pos: int = 0, cache=None,

@@ -1,0 +1,378 @@
+"""The sparse attention patterns: sliding window (optionally dilated), Longformer, BigBird, Sparse Transformer.
+
+Each pattern has three implementations that compute the same thing:
+- `impl="reference"`: dense softmax over an explicit (N, N) boolean mask. Tests only: quadratic memory.
+- `impl="blocked"`: `blocked_attention` over the pattern's block layout. Linear memory, any device,
+  differentiable everywhere (flex_attention has no CPU backward).
+- `impl="flex"`: torch's flex_attention with a BlockMask built from the same predicate (CUDA).
+`impl="auto"` takes flex on CUDA and blocked elsewhere. Sequences of any length work: each pattern pads
+to its block size inside and masks the padding as keys, so padded positions never reach real ones.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+from kernels.sparse_attention import (
+    blocked_attention,
+    dense_masked_attention,
+    expand_kv,
+    flex_attention,
+    flex_available,
+    make_block_mask,
+    merge_partials,
+    pad_seq,
+)
+
+IMPLS = ("auto", "reference", "blocked", "flex")
+FLEX_BLOCK = 128  # flex_attention's tile: pad to it so that block masks are exact
+
+
+def choose_impl(impl: str, q: torch.Tensor, dropout_p: float = 0.0) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"sparse attention impl={impl!r}; valid choices: {', '.join(IMPLS)}")
+    if impl == "auto":
+        # flex_attention has no dropout: a training step with attention dropout takes the blocked path
+        return "flex" if flex_available(q) and dropout_p == 0.0 else "blocked"
+    return impl
+
+
+def _ceil(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _real_keys(key_padding_mask, b: int, n: int, n_pad: int, device):
+    """(B, n_pad) bool: real keys; the core's own padding is never real."""
+    m = key_padding_mask if key_padding_mask is not None else torch.ones(b, n, dtype=torch.bool, device=device)
+    return pad_seq(m, n_pad, dim=1, value=False)
+
+
+def _dense_mask(allowed, n_q: int, n_k: int, device, key_padding_mask=None):
+    """(B or 1, 1, n_q, n_k): the predicate on absolute positions, queries aligned to the end of the keys."""
+    q_pos = torch.arange(n_k - n_q, n_k, device=device)[:, None]
+    k_pos = torch.arange(n_k, device=device)[None, :]
+    mask = allowed(q_pos, k_pos)[None, None]
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, None, :]
+    return mask
+
+
+def _flex_run(q, k, v, allowed, real, n: int, cache_key, scale=None, return_lse=False):
+    """flex_attention over padded q/k/v with mask_mod = allowed & real key. The block mask is cached per
+    pattern and length when nothing in it depends on the batch (no padding)."""
+    b, _, n_pad, _ = q.shape
+    if real is None:
+        mask = _cached_block_mask(cache_key, allowed, n, n_pad, q.device)
+    else:
+        def mask_mod(bi, h, qi, ki):
+            return allowed(qi, ki) & real[bi, ki]
+        mask = make_block_mask(mask_mod, b, None, n_pad, n_pad, q.device)
+    return flex_attention(q, k, v, mask, scale=scale, return_lse=return_lse)
+
+
+_BLOCK_MASKS: dict = {}
+
+
+def _cached_block_mask(cache_key, allowed, n, n_pad, device):
+    key = (cache_key, n, n_pad, str(device))
+    if key not in _BLOCK_MASKS:
+        if len(_BLOCK_MASKS) > 64:
+            _BLOCK_MASKS.clear()
+
+        def mask_mod(bi, h, qi, ki):
+            return allowed(qi, ki) & (ki < n)
+        _BLOCK_MASKS[key] = make_block_mask(mask_mod, None, None, n_pad, n_pad, device)
+    return _BLOCK_MASKS[key]
+
+
+# ------------------------------------------------------------------------------------------------ window
+
+def window_predicate(window: int, causal: bool, dilation: int = 1):
+    """causal: the `window` previous tokens, self included (i - window < j <= i), as Mistral.
+    bidirectional: window // 2 on each side (|i - j| <= window // 2), as Longformer's attention_window.
+    dilation d keeps every d-th of them and stretches the reach d times."""
+    def allowed(q_pos, k_pos):
+        dist = q_pos - k_pos
+        ok = (dist >= 0) & (dist < window * dilation) if causal else dist.abs() <= (window // 2) * dilation
+        if dilation > 1:
+            ok = ok & (dist % dilation == 0)
+        return ok
+    return allowed
+
+
+@lru_cache(maxsize=64)
+def _band_layout(nb: int, causal: bool, device_str: str) -> torch.Tensor:
+    i = torch.arange(nb)[:, None]
+    offsets = torch.tensor([-1, 0]) if causal else torch.tensor([-1, 0, 1])
+    blocks = i + offsets
+    blocks = blocks.masked_fill((blocks < 0) | (blocks >= nb), -1)
+    return blocks[None].to(device_str)
+
+
+def _window_blocked(q, k, v, window, causal, real, scale, dropout_p):
+    """Undilated window over a padded sequence: blocks of at least the reach, each query block sees its
+    own block and its neighbours (the previous one only, when causal)."""
+    n = q.shape[2]
+    reach = window - 1 if causal else window // 2
+    bs = min(max(reach, 32), n)
+    n_pad = _ceil(n, bs)
+    q, k, v = (pad_seq(t, n_pad) for t in (q, k, v))
+    real = pad_seq(real, n_pad, dim=1, value=False)
+    layout = _band_layout(n_pad // bs, causal, str(q.device))
+    out, lse = blocked_attention(q, k, v, layout, bs, window_predicate(window, causal), real, scale=scale,
+                                 dropout_p=dropout_p)
+    return out[:, :, :n], lse[:, :, :n]
+
+
+def _undilate(x: torch.Tensor, d: int, dim: int = 2) -> torch.Tensor:
+    """(B, H, N, …) -> (B * d, H, N / d, …): residue classes mod d become separate sequences, turning a
+    dilated window into a plain one."""
+    if x.dim() == 2:  # a (B, N) mask
+        b, n = x.shape
+        return x.view(b, n // d, d).transpose(1, 2).reshape(b * d, n // d)
+    b, h, n, e = x.shape
+    return x.view(b, h, n // d, d, e).permute(0, 3, 1, 2, 4).reshape(b * d, h, n // d, e)
+
+
+def _redilate(x: torch.Tensor, d: int) -> torch.Tensor:
+    bd, h, m = x.shape[:3]
+    rest = x.shape[3:]
+    b = bd // d
+    x = x.view(b, d, h, m, *rest).transpose(1, 2)  # (B, H, d, M, …)
+    x = x.transpose(2, 3)  # (B, H, M, d, …)
+    return x.reshape(b, h, m * d, *rest)
+
+
+def sliding_window_attention(q, k, v, window: int, causal: bool, dilation: int = 1, key_padding_mask=None,
+                             scale=None, dropout_p: float = 0.0, impl: str = "auto", return_lse: bool = False):
+    b, _, n, _ = q.shape
+    allowed = window_predicate(window, causal, dilation)
+    impl = choose_impl(impl, q, dropout_p)
+    if impl == "reference":
+        return dense_masked_attention(q, k, v, _dense_mask(allowed, n, k.shape[2], q.device, key_padding_mask),
+                                      scale, return_lse)
+    if impl == "flex":
+        n_pad = _ceil(n, FLEX_BLOCK)
+        real = None if key_padding_mask is None else _real_keys(key_padding_mask, b, n, n_pad, q.device)
+        res = _flex_run(*(pad_seq(t, n_pad) for t in (q, k, v)), allowed, real, n,
+                        ("window", window, causal, dilation), scale, return_lse)
+        if return_lse:
+            return res[0][:, :, :n], res[1][:, :, :n]
+        return res[:, :, :n]
+    real = _real_keys(key_padding_mask, b, n, n, q.device)
+    if dilation > 1:
+        n_pad = _ceil(n, dilation)
+        qd, kd, vd = (_undilate(pad_seq(t, n_pad), dilation) for t in (q, k, v))
+        rd = _undilate(pad_seq(real, n_pad, dim=1, value=False), dilation)
+        out, lse = _window_blocked(qd, kd, vd, window, causal, rd, scale, dropout_p)
+        out, lse = _redilate(out, dilation)[:, :, :n], _redilate(lse, dilation)[:, :, :n]
+    else:
+        out, lse = _window_blocked(q, k, v, window, causal, real, scale, dropout_p)
+    return (out, lse) if return_lse else out
+
+
+# ------------------------------------------------------------------------------------------------ Longformer
+
+def _gather_globals(global_mask: torch.Tensor):
+    """Indices (B, G) of each example's global tokens, first-come order, and which of the G slots are real."""
+    g = int(global_mask.sum(1).max())
+    order = torch.sort((~global_mask).to(torch.int8), dim=1, stable=True).indices[:, :g]
+    return order, global_mask.gather(1, order)
+
+
+def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, H, N, D), idx (B, G) -> (B, H, G, D)."""
+    return x.gather(2, idx[:, None, :, None].expand(x.shape[0], x.shape[1], idx.shape[1], x.shape[3]))
+
+
+def longformer_attention(q, k, v, window: int, global_mask=None, global_qkv=None, key_padding_mask=None,
+                         scale=None, dropout_p: float = 0.0, impl: str = "auto"):
+    """Beltagy et al. 2020. Every token sees the window around it plus every global token; a global token
+    sees every token, through its own projections `global_qkv = (q_g, k_g, v_g)` (full shapes, (B, H, N, D)).
+    A global key inside a token's window counts once (the band leaves global keys to the global part)."""
+    b, h, n, d = q.shape
+    if global_mask is None or not bool(global_mask.any()):
+        return sliding_window_attention(q, k, v, window, False, 1, key_padding_mask, scale, dropout_p, impl)
+    if global_qkv is None:
+        raise ValueError("longformer attention with global tokens needs the global projections (global_qkv)")
+    gm = global_mask.bool()
+    real = _real_keys(key_padding_mask, b, n, n, q.device)
+    impl = choose_impl(impl, q, dropout_p)
+    qg, kg, vg = global_qkv
+    if impl == "reference":
+        band = window_predicate(window, False)
+        local = (band(torch.arange(n, device=q.device)[:, None], torch.arange(n, device=q.device)[None])[None]
+                 | gm[:, None, :]) & real[:, None, :]
+        out = dense_masked_attention(q, k, v, local[:, None])
+        out_g = dense_masked_attention(qg, kg, vg, real[:, None, None, :].expand(b, 1, n, n))
+        return torch.where(gm[:, None, :, None], out_g, out)
+
+    idx, gvalid = _gather_globals(gm)
+    k, v = expand_kv(q, k, v)
+    if impl == "flex":
+        n_pad = _ceil(n, FLEX_BLOCK)
+        band = window_predicate(window, False)
+        gm_pad = pad_seq(gm, n_pad, dim=1, value=False)
+        real_pad = pad_seq(real, n_pad, dim=1, value=False)
+
+        def mask_mod(bi, hi, qi, ki):
+            return (band(qi, ki) | gm_pad[bi, ki]) & real_pad[bi, ki]
+        bm = make_block_mask(mask_mod, b, None, n_pad, n_pad, q.device)
+        out = flex_attention(*(pad_seq(t, n_pad) for t in (q, k, v)), bm, scale=scale)[:, :, :n]
+    else:
+        ke, ve = _take(k, idx), _take(v, idx)
+        mask_e = (gvalid & real.gather(1, idx))[:, None, None, :].expand(b, 1, n, idx.shape[1])
+        bs_real = real & ~gm  # the band leaves global keys to the global part
+        reach = window // 2
+        bs = min(max(reach, 32), n)
+        n_pad = _ceil(n, bs)
+        qp, kp, vp = (pad_seq(t, n_pad) for t in (q, k, v))
+        mask_e = pad_seq(mask_e, n_pad, dim=2, value=False)
+        layout = _band_layout(n_pad // bs, False, str(q.device))
+        out, _ = blocked_attention(qp, kp, vp, layout, bs, window_predicate(window, False),
+                                   pad_seq(bs_real, n_pad, dim=1, value=False), extra=(ke, ve, mask_e),
+                                   scale=scale, dropout_p=dropout_p)
+        out = out[:, :, :n]
+    # global rows: G queries against all N keys, linear in N (no attention dropout on these few rows)
+    qsel = _take(qg, idx)
+    out_g = dense_masked_attention(qsel, kg, vg, real[:, None, None, :].expand(b, 1, idx.shape[1], n), scale)
+    keep = gvalid[:, None, :, None]
+    cur = _take(out, idx)
+    return out.scatter(2, idx[:, None, :, None].expand(b, h, idx.shape[1], d), torch.where(keep, out_g, cur))
+
+
+# ------------------------------------------------------------------------------------------------ BigBird
+
+def bigbird_block_table(nb: int, n_heads: int, num_random: int, num_global: int, generator: torch.Generator,
+                        random_blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """(H, nb, nb) bool: which key blocks each query block sees, in Zaheer et al.'s ITC layout. The first
+    and last `num_global` blocks are global (rows and columns all True); every other block sees its
+    neighbours, the global blocks and `num_random` random blocks drawn per head from the rest.
+    `random_blocks` (H, nb, r) fixes the random choice (an imported model's layout); -1 = none."""
+    i = torch.arange(nb)
+    table = (i[:, None] - i[None, :]).abs() <= 1
+    glob = (i < num_global) | (i >= nb - num_global)
+    table = table | glob[None, :] | glob[:, None]
+    table = table[None].repeat(n_heads, 1, 1)
+    if random_blocks is None and num_random > 0:
+        random_blocks = torch.full((n_heads, nb, num_random), -1, dtype=torch.long)
+        for hh in range(n_heads):
+            for row in range(nb):
+                if glob[row]:
+                    continue
+                free = (~table[hh, row]).nonzero().flatten()
+                pick = free[torch.randperm(len(free), generator=generator)[:num_random]]
+                random_blocks[hh, row, : len(pick)] = pick
+    if random_blocks is not None:
+        rb = random_blocks.to(torch.long)
+        hh, row, _ = torch.nonzero(rb >= 0, as_tuple=True)
+        table[hh, row, rb[rb >= 0]] = True
+    return table
+
+
+def _table_layout(table: torch.Tensor) -> torch.Tensor:
+    """(H, nb, nb) bool -> (H, nb, K) key-block indices, -1 padded (K = the most blocks any row sees)."""
+    k = int(table.sum(-1).max())
+    order = torch.sort((~table).to(torch.int8), dim=-1, stable=True).indices[..., :k]
+    return order.masked_fill(~table.gather(-1, order), -1)
+
+
+def bigbird_attention(q, k, v, block_size: int, table: torch.Tensor, num_global: int, key_padding_mask=None,
+                      scale=None, dropout_p: float = 0.0, impl: str = "auto"):
+    """Block-sparse attention over `table` (see bigbird_block_table) for q/k/v padded to nb * block_size.
+    Global query blocks see every key; their rows are computed densely (G * block_size rows, linear in N)."""
+    b, h, n, d = q.shape
+    bs = block_size
+    nb = table.shape[-1]
+    n_pad = nb * bs
+    if n_pad < n or n_pad - n >= bs:
+        raise ValueError(f"block table for {nb} blocks of {bs} does not fit a sequence of {n}")
+    real = _real_keys(key_padding_mask, b, n, n_pad, q.device)
+    q, k, v = (pad_seq(t, n_pad) for t in (q, k, v))
+    table = table.to(q.device)
+    impl = choose_impl(impl, q, dropout_p)
+    if impl == "reference":
+        dense = table.repeat_interleave(bs, 1).repeat_interleave(bs, 2)[None] & real[:, None, None, :]
+        return dense_masked_attention(q, k, v, dense, scale)[:, :, :n]
+    if impl == "flex":
+        def mask_mod(bi, hi, qi, ki):
+            return table[hi, qi // bs, ki // bs] & real[bi, ki]
+        bm = make_block_mask(mask_mod, b, h, n_pad, n_pad, q.device)
+        return flex_attention(q, k, v, bm, scale=scale)[:, :, :n]
+    out, _ = blocked_attention(q, k, v, _table_layout(table), bs, None, real, scale=scale, dropout_p=dropout_p)
+    if num_global > 0:
+        span = min(num_global * bs, n_pad)
+        rows = torch.cat([torch.arange(0, span), torch.arange(n_pad - span, n_pad)])
+        rows = torch.unique(rows).to(q.device)
+        kf, vf = expand_kv(q, k, v)
+        mask = real[:, None, None, :].expand(b, 1, len(rows), n_pad)
+        out = out.index_copy(2, rows, dense_masked_attention(q[:, :, rows], kf, vf, mask, scale))
+    return out[:, :, :n]
+
+
+# ------------------------------------------------------------------------------------------------ Sparse Transformer
+
+def strided_predicate(stride: int, pattern: str, summary: int = 1):
+    """Child et al. 2019, causal. strided: the previous `stride` tokens and every stride-th token before them.
+    fixed: the tokens of the own block of `stride`, and the last `summary` tokens of every earlier block."""
+    def allowed(q_pos, k_pos):
+        dist = q_pos - k_pos
+        if pattern == "strided":
+            return (dist >= 0) & ((dist < stride) | (dist % stride == 0))
+        same = (q_pos // stride) == (k_pos // stride)
+        return (dist >= 0) & (same | (k_pos % stride >= stride - summary))
+    return allowed
+
+
+@lru_cache(maxsize=64)
+def _causal_blocks(nb: int, device_str: str) -> torch.Tensor:
+    i = torch.arange(nb)
+    blocks = i[None, :].expand(nb, nb).clone()
+    return blocks.masked_fill(blocks > i[:, None], -1)[None].to(device_str)
+
+
+def sparse_strided_attention(q, k, v, stride: int, pattern: str = "strided", summary: int = 1,
+                             key_padding_mask=None, scale=None, dropout_p: float = 0.0, impl: str = "auto"):
+    b, h, n, d = q.shape
+    allowed = strided_predicate(stride, pattern, summary)
+    impl = choose_impl(impl, q, dropout_p)
+    if impl == "reference":
+        return dense_masked_attention(q, k, v, _dense_mask(allowed, n, k.shape[2], q.device, key_padding_mask), scale)
+    if impl == "flex":
+        n_pad = _ceil(n, FLEX_BLOCK)
+        real = None if key_padding_mask is None else _real_keys(key_padding_mask, b, n, n_pad, q.device)
+        out = _flex_run(*(pad_seq(t, n_pad) for t in (q, k, v)), allowed, real, n,
+                        ("strided", stride, pattern, summary), scale)
+        return out[:, :, :n]
+    n_pad = _ceil(n, stride)
+    real = _real_keys(key_padding_mask, b, n, n_pad, q.device)
+    k, v = expand_kv(q, k, v)
+    q, k, v = (pad_seq(t, n_pad) for t in (q, k, v))
+    nb = n_pad // stride
+    if pattern == "fixed":
+        # own block (causal inside it) + the summary columns of earlier blocks as shared extra keys
+        cols = (torch.arange(n_pad, device=q.device) % stride >= stride - summary).nonzero().flatten()
+        ke, ve = k[:, :, cols], v[:, :, cols]
+        earlier = (cols[None, :] // stride) < (torch.arange(n_pad, device=q.device)[:, None] // stride)
+        mask_e = earlier[None, None] & real[:, cols][:, None, None, :]
+        layout = torch.arange(nb, device=q.device).view(1, nb, 1)
+        out, _ = blocked_attention(q, k, v, layout, stride, lambda qp, kp: kp <= qp, real, extra=(ke, ve, mask_e),
+                                   scale=scale, dropout_p=dropout_p)
+        return out[:, :, :n]
+    # strided = local window (i - stride < j <= i) merged with the strided columns (j = i - m * stride, m >= 1)
+    o1, l1 = _window_blocked(q, k, v, stride, True, real, scale, dropout_p)
+    # the strided part is causal attention inside each residue class mod stride, strictly earlier
+    qd, kd, vd = (_undilate(t, stride) for t in (q, k, v))
+    rd = _undilate(real, stride)
+    m = qd.shape[2]
+    bs = min(max(int(math.sqrt(m)), 16), m)
+    m_pad = _ceil(m, bs)
+    qd, kd, vd = (pad_seq(t, m_pad) for t in (qd, kd, vd))
+    rd = pad_seq(rd, m_pad, dim=1, value=False)
+    o2, l2 = blocked_attention(qd, kd, vd, _causal_blocks(m_pad // bs, str(q.device)), bs,
+                               lambda qp, kp: kp < qp, rd, scale=scale, dropout_p=dropout_p)
+    o2, l2 = _redilate(o2[:, :, :m], stride), _redilate(l2[:, :, :m], stride)
+    out, _ = merge_partials(o1, l1, o2, l2)
+    return out[:, :, :n]

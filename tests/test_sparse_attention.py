@@ -1,0 +1,254 @@
+"""Sparse cores (sliding window, Longformer, BigBird, Sparse Transformer): fast path == dense masked reference,
+degenerate cases == their parents, the decoding cache, and the models built on them."""
+import pytest
+import torch
+
+import zoo
+from kernels.sparse_attention import dense_masked_attention, merge_partials
+from kernels.sparse_patterns import bigbird_block_table
+from zoo.blocks import build_core
+
+CASES = [
+    ("sliding_window", {"window": 8}, True),
+    ("sliding_window", {"window": 8}, False),
+    ("sliding_window", {"window": 5, "dilation": 3}, True),
+    ("sliding_window", {"window": 6, "dilation": 2}, False),
+    ("sliding_window", {"window": 40}, True),
+    ("bigbird", {"block_size": 4, "num_random_blocks": 2}, False),
+    ("bigbird", {"block_size": 8, "num_random_blocks": 1, "num_global_blocks": 2}, False),
+    ("sparse_strided", {"stride": 5}, True),
+    ("sparse_strided", {"stride": 6, "pattern": "fixed", "summary": 2}, True),
+    ("longformer", {"window": 6}, False),
+]
+
+
+def qkv(n, b=2, h=4, hkv=2, d=8, dtype=torch.float32, grad=False):
+    return [torch.randn(b, hh, n, d, dtype=dtype, requires_grad=grad) for hh in (h, hkv, hkv)]
+
+
+def padding(b, n, cut=5):
+    m = torch.ones(b, n, dtype=torch.bool)
+    m[-1, n - cut:] = False
+    return m
+
+
+@pytest.mark.parametrize("name,opts,causal", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize("n", [7, 37, 96, 131])
+def test_fast_path_equals_dense_reference(name, opts, causal, n):
+    torch.manual_seed(n)
+    core = build_core(name, causal=causal, **opts).eval()
+    q, k, v = qkv(n)
+    for mask in (None, padding(2, n)):
+        fast, ref = core(q, k, v, key_padding_mask=mask), core.reference(q, k, v, key_padding_mask=mask)
+        if mask is not None:  # padded query rows are never read; real rows must match exactly
+            fast, ref = fast * mask[:, None, :, None], ref * mask[:, None, :, None]
+        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,opts,causal", CASES[::2], ids=[c[0] for c in CASES[::2]])
+def test_fast_path_gradients_equal_reference(name, opts, causal):
+    torch.manual_seed(0)
+    core = build_core(name, causal=causal, **opts).eval()
+    inputs = qkv(45, dtype=torch.float64)
+    weight = torch.randn(2, 4, 45, 8, dtype=torch.float64)
+    grads = []
+    for fn in (core, core.reference):
+        q, k, v = (t.clone().requires_grad_() for t in inputs)
+        (fn(q, k, v) * weight).sum().backward()
+        grads.append([t.grad for t in (q, k, v)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+def longformer_inputs(n, b=2, h=4, d=8):
+    torch.manual_seed(n)
+    q, k, v = qkv(n, b, h, h, d)
+    g = [torch.randn(b, h, n, d) for _ in range(3)]
+    gm = torch.zeros(b, n, dtype=torch.bool)
+    gm[0, 0] = True
+    gm[0, n // 2] = True
+    gm[1, [1, 3, n - 1]] = True
+    return q, k, v, g, gm
+
+
+@pytest.mark.parametrize("n", [9, 40, 100])
+@pytest.mark.parametrize("pad", [False, True])
+def test_longformer_global_tokens_fast_equals_reference(n, pad):
+    from kernels.sparse_patterns import longformer_attention
+    q, k, v, g, gm = longformer_inputs(n)
+    mask = padding(2, n, cut=4) if pad else None
+    if pad:
+        gm[1, n - 1] = False  # a padded token is never global
+    fast = longformer_attention(q, k, v, 8, gm, g, mask, impl="blocked")
+    ref = longformer_attention(q, k, v, 8, gm, g, mask, impl="reference")
+    if pad:
+        fast, ref = fast * mask[:, None, :, None], ref * mask[:, None, :, None]
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_longformer_global_rows_see_everything_and_everyone_sees_them():
+    from kernels.sparse_patterns import longformer_attention
+    q, k, v, g, gm = longformer_inputs(64)
+    out = longformer_attention(q, k, v, 4, gm, g, impl="blocked")
+    v2 = v.clone()
+    v2[0, :, 40] += 1.0  # far outside token 0's window: only global attention can carry it
+    out2 = longformer_attention(q, k, v2, 4, gm, g, impl="blocked")
+    assert torch.allclose(out[0, :, 0], out2[0, :, 0])  # global rows use their own values (g), not v
+    g2 = [t.clone() for t in g]
+    g2[2][0, :, 40] += 1.0
+    assert not torch.allclose(out[0, :, 0], longformer_attention(q, k, v, 4, gm, g2, impl="blocked")[0, :, 0])
+    v3 = v.clone()
+    v3[0, :, 32] += 1.0  # token 32 is global in example 0: token 5 (window 2 each side) must see it
+    assert not torch.allclose(out[0, :, 5], longformer_attention(q, k, v3, 4, gm, g, impl="blocked")[0, :, 5])
+
+
+# ---------------------------------------------------------------------------------------- degenerate cases
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_window_covering_the_sequence_equals_full_attention(causal):
+    q, k, v = qkv(30)
+    window = 64 if not causal else 30
+    core = build_core("sliding_window", causal=causal, window=window)
+    parent = build_core("causal" if causal else "full", causal=causal)
+    mask = padding(2, 30)
+    torch.testing.assert_close(core(q, k, v, key_padding_mask=mask) * mask[:, None, :, None],
+                               parent(q, k, v, key_padding_mask=mask) * mask[:, None, :, None], atol=1e-5, rtol=1e-5)
+
+
+def test_longformer_without_global_tokens_equals_sliding_window():
+    q, k, v = qkv(50, hkv=4)
+    lf = build_core("longformer", causal=False, window=10)
+    sw = build_core("sliding_window", causal=False, window=10)
+    torch.testing.assert_close(lf(q, k, v, context={}), sw(q, k, v))
+    no_globals = {"global_attention_mask": torch.zeros(2, 50, dtype=torch.bool)}
+    torch.testing.assert_close(lf(q, k, v, context=no_globals), sw(q, k, v))
+
+
+def test_bigbird_without_random_or_global_blocks_is_block_local():
+    q, k, v = qkv(40)
+    bb = build_core("bigbird", causal=False, block_size=8, num_random_blocks=0, num_global_blocks=0)
+    blocks = torch.arange(40) // 8
+    local = (blocks[:, None] - blocks[None, :]).abs() <= 1
+    torch.testing.assert_close(bb(q, k, v), dense_masked_attention(q, k, v, local[None, None]), atol=1e-5, rtol=1e-5)
+
+
+def test_bigbird_layout_is_seeded_per_layer_and_reproducible():
+    def table(seed, layer):
+        core = build_core("bigbird", causal=False, block_size=4, num_random_blocks=2, seed=seed)
+        core.layer_idx = layer
+        return core.table(16, 4)
+    assert torch.equal(table(0, 0), table(0, 0))
+    assert not torch.equal(table(0, 0), table(0, 1))
+    assert not torch.equal(table(0, 0), table(1, 0))
+    t = table(0, 0)
+    assert t[:, 0].all() and t[:, :, 0].all()  # global blocks: their row and column are full
+    # middle rows: 3 window + 2 global + 2 random blocks, no duplicates
+    assert (t[:, 2:-2].sum(-1) == 7).all()
+
+
+def test_bigbird_fixed_random_blocks_are_used():
+    fixed = torch.full((1, 8, 1), -1)
+    fixed[0, 4, 0] = 7 - 6  # block 4 also sees block 1
+    t = bigbird_block_table(8, 1, 1, 1, torch.Generator().manual_seed(0), fixed)
+    assert t[0, 4].nonzero().flatten().tolist() == [0, 1, 3, 4, 5, 7]
+
+
+def test_merge_of_disjoint_partials_is_the_softmax_of_the_union():
+    q, k, v = qkv(12, hkv=4)
+    left = torch.zeros(12, 12, dtype=torch.bool)
+    left[:, :5] = True
+    o1, l1 = dense_masked_attention(q, k, v, left, return_lse=True)
+    o2, l2 = dense_masked_attention(q, k, v, ~left, return_lse=True)
+    merged, _ = merge_partials(o1, l1, o2, l2)
+    torch.testing.assert_close(merged, dense_masked_attention(q, k, v, torch.ones(12, 12, dtype=torch.bool)))
+
+
+# ---------------------------------------------------------------------------------------- decoding
+
+@pytest.mark.parametrize("attention", [{"core": "sliding_window", "window": 6},
+                                       {"core": "sliding_window", "window": 4, "dilation": 2},
+                                       {"core": "sparse_strided", "stride": 4},
+                                       {"core": "sparse_strided", "stride": 4, "pattern": "fixed", "summary": 2}])
+def test_cached_decoding_equals_the_full_pass(attention):
+    torch.manual_seed(0)
+    m = zoo.build_model("gpt", vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
+                        position="rope", attention=attention).eval()
+    x = torch.randint(0, 97, (2, 30))
+    full = m(x)
+    cache = m.new_cache()
+    steps = [m(x[:, :9], cache=cache)] + [m(x[:, i:i + 1], start_pos=i, cache=cache) for i in range(9, 30)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    if attention["core"] == "sliding_window":  # the rolling buffer: bounded, and GQA keeps 2 heads
+        keep = (attention["window"] - 1) * attention.get("dilation", 1)
+        assert cache[0]["k"].shape == (2, 2, keep, 8)
+    prompt = x[:, :5]
+    torch.testing.assert_close(m.generate(prompt, 20, temperature=0), m.generate(prompt, 20, temperature=0,
+                                                                                    use_cache=False))
+
+
+# ---------------------------------------------------------------------------------------- models and errors
+
+def test_named_models_build_train_and_classify_with_a_global_first_token():
+    for name in ("longformer", "bigbird"):
+        m = zoo.build_model(name, vocab_size=97, d_model=32, n_layers=2, n_heads=4, max_seq_len=128, num_labels=3)
+        x = torch.randint(0, 97, (2, 70))
+        loss = m(x).logsumexp(-1).mean() + m.classify(x, attention_mask=padding(2, 70)).sum()
+        loss.backward()
+        assert all(p.grad is not None for n, p in m.named_parameters() if "global_qkv" not in n and "lm_head" not in n)
+    lf = zoo.build_model("longformer", vocab_size=97, d_model=32, n_layers=1, n_heads=4, max_seq_len=128,
+                         num_labels=2).eval()
+    x = torch.randint(0, 97, (1, 100))
+    y = x.clone()
+    y[0, 90] = (y[0, 90] + 1) % 97  # far outside token 0's window (window 256 would cover it: use 8)
+    lf8 = zoo.build_model(lf.cfg, attention={"core": "longformer", "window": 8}).eval()
+    assert not torch.allclose(lf8.classify(x), lf8.classify(y))  # the global first token sees token 90
+
+
+def test_decoders_take_the_causal_sparse_cores_and_encoders_the_others():
+    zoo.build_model("gpt", attention={"core": "sliding_window", "window": 16})
+    zoo.build_model("gpt", attention="sparse_strided")
+    zoo.build_model("bert", attention="bigbird")
+    with pytest.raises(ValueError, match="cores that would work: .*sliding_window"):
+        zoo.build_model("gpt", attention="bigbird")
+    with pytest.raises(ValueError, match="cores that would work"):
+        zoo.build_model("bert", attention="sparse_strided")
+
+
+@pytest.mark.parametrize("attention,msg", [
+    ({"core": "sliding_window", "window": 0}, "attention.window=0 must be an integer >= 1"),
+    ({"core": "sparse_strided", "pattern": "zigzag"}, "attention.pattern='zigzag'; valid choices: strided, fixed"),
+    ({"core": "sliding_window", "impl": "cuda"}, "attention.impl='cuda'; valid choices: auto, reference"),
+    ({"core": "sliding_window", "windw": 4}, r"attention option\(s\) \['windw'\] are unknown"),
+])
+def test_bad_options_name_the_field_and_the_choices(attention, msg):
+    with pytest.raises(ValueError, match=msg):
+        zoo.build_model("gpt", attention=attention)
+
+
+def test_switching_core_drops_the_other_cores_options():
+    with pytest.warns(UserWarning, match=r"ignores the option\(s\) \['window'\]"):
+        m = zoo.build_model("longformer", vocab_size=97, attention="full")
+    assert m.cfg.attention == {"core": "full", "backend": "auto"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,opts,causal", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_flex_path_on_cuda_equals_reference(name, opts, causal):
+    torch.manual_seed(0)
+    core = build_core(name, causal=causal, impl="flex", **opts).cuda()
+    q, k, v = (t.cuda() for t in qkv(300, d=16))
+    mask = padding(2, 300).cuda()
+    ctx = None
+    if name == "longformer":
+        core.setup(zoo.model_config("bert", d_model=64, n_heads=4))
+        core.cuda()
+        gm = torch.zeros(2, 300, dtype=torch.bool, device="cuda")
+        gm[:, 0] = True
+        ctx = {"hidden": torch.randn(2, 300, 64, device="cuda"), "global_attention_mask": gm}
+        k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    for m in (None, mask):
+        fast, ref = core(q, k, v, key_padding_mask=m, context=ctx), core.reference(q, k, v, key_padding_mask=m,
+                                                                                  context=ctx)
+        if m is not None:
+            fast, ref = fast * m[:, None, :, None], ref * m[:, None, :, None]
+        torch.testing.assert_close(fast, ref, atol=2e-3, rtol=2e-3)
