@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from data.tokenizers import tokenizer_state
 from zoo.checkpoint import read_checkpoint
 from zoo.models import model_config
+from zoo.models.registry import cuda_or
 from zoo.tasks import NonFiniteLossError
 
 
@@ -176,6 +177,10 @@ def _overrides():
         return HydraConfig.get().overrides.task
     except ValueError:
         return []
+
+
+# `${cuda_or:4096,1024}` in model files (zoo.models.registry resolves it the same way outside Hydra)
+OmegaConf.register_new_resolver("cuda_or", cuda_or, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

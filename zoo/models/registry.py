@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import re
+
 import torch
 import yaml
-from omegaconf import OmegaConf
 
 from zoo.models.config import ModelConfig
 from zoo.models.transformer import ZooModel
@@ -13,9 +14,20 @@ from zoo.models.transformer import ZooModel
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 # `${cuda_or:4096,1024}` in a model file: the first value where CUDA is available, the second elsewhere
-# (long-sequence models default to lengths a CPU can train). Registered here so that both Hydra (train.py
-# imports zoo.models) and build_model() resolve it.
-OmegaConf.register_new_resolver("cuda_or", lambda gpu, cpu: gpu if torch.cuda.is_available() else cpu, replace=True)
+# (long-sequence models default to lengths a CPU can train). train.py registers the same resolver with
+# OmegaConf; here it is resolved by hand, so that zoo.models needs no config library.
+_CUDA_OR = re.compile(r"^\$\{cuda_or:\s*([^,\s]+)\s*,\s*([^}\s]+)\s*\}$")
+
+
+def cuda_or(gpu, cpu):
+    return gpu if torch.cuda.is_available() else cpu
+
+
+def _resolve(value):
+    if isinstance(value, dict):
+        return {k: _resolve(v) for k, v in value.items()}
+    m = _CUDA_OR.match(value) if isinstance(value, str) else None
+    return yaml.safe_load(cuda_or(*m.groups())) if m else value
 
 
 def available(group: str) -> list[str]:
@@ -35,7 +47,7 @@ def _load_group(group: str, name: str) -> dict:
             merged.update(_load_group(group, parent))
     # model files are `@package _global_` (so that they can pick a task): their fields sit under `model:`
     merged.update(node.get(group, node) if group == "model" else node)
-    return OmegaConf.to_container(OmegaConf.create(merged), resolve=True)
+    return _resolve(merged)
 
 
 def model_config(name_or_config, **overrides) -> ModelConfig:
