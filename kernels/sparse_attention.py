@@ -140,7 +140,10 @@ def flex_attention(q, k, v, block_mask, scale=None, return_lse=False):
     """torch's flex_attention, compiled once per process (uncompiled it runs a slow dense fallback)."""
     global _flex
     if _flex is None:
+        import torch._dynamo
         from torch.nn.attention.flex_attention import flex_attention as fa
+        # one graph per (length, pattern): a benchmark or a model with several cores needs more than 8
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         _flex = torch.compile(fa, dynamic=False)
     gqa = q.shape[1] != k.shape[1]
     out = _flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_lse=return_lse)
@@ -148,5 +151,6 @@ def flex_attention(q, k, v, block_mask, scale=None, return_lse=False):
 
 
 def make_block_mask(mask_mod, b, h, n_q, n_k, device):
+    """Compiled on CUDA: built eagerly it would evaluate mask_mod over the whole (n_q, n_k) grid at once."""
     from torch.nn.attention.flex_attention import create_block_mask
-    return create_block_mask(mask_mod, b, h, n_q, n_k, device=device)
+    return create_block_mask(mask_mod, b, h, n_q, n_k, device=device, _compile=torch.device(device).type == "cuda")

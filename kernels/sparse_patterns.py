@@ -59,32 +59,45 @@ def _dense_mask(allowed, n_q: int, n_k: int, device, key_padding_mask=None):
     return mask
 
 
-def _flex_run(q, k, v, allowed, real, n: int, cache_key, scale=None, return_lse=False):
-    """flex_attention over padded q/k/v with mask_mod = allowed & real key. The block mask is cached per
-    pattern and length when nothing in it depends on the batch (no padding)."""
-    b, _, n_pad, _ = q.shape
-    if real is None:
-        mask = _cached_block_mask(cache_key, allowed, n, n_pad, q.device)
+def _flex(q, k, v, allowed, n: int, cache_key=None, real=None, scale=None, return_lse=False, heads=None):
+    """flex_attention over length-n q/k/v (padded here to flex's tile) with mask = allowed(h, q, k) & real key.
+    Without a padding mask the block mask depends only on the pattern and the length: it is built once
+    (`cache_key`) and reused by every step, so a training step pays nothing for it."""
+    b = q.shape[0]
+    n_pad = _ceil(n, FLEX_BLOCK)
+    q, k, v = (pad_seq(t, n_pad) for t in (q, k, v))
+    if real is None and cache_key is not None:
+        mask = _cached_block_mask(cache_key, allowed, n, n_pad, q.device, heads)
     else:
-        def mask_mod(bi, h, qi, ki):
-            return allowed(qi, ki) & real[bi, ki]
-        mask = make_block_mask(mask_mod, b, None, n_pad, n_pad, q.device)
-    return flex_attention(q, k, v, mask, scale=scale, return_lse=return_lse)
+        real = pad_seq(real if real is not None else torch.ones(b, n, dtype=torch.bool, device=q.device), n_pad,
+                       dim=1, value=False)
+
+        def mask_mod(bi, hi, qi, ki):
+            return allowed(hi, qi, ki) & real[bi, ki]
+        mask = make_block_mask(mask_mod, b, heads, n_pad, n_pad, q.device)
+    res = flex_attention(q, k, v, mask, scale=scale, return_lse=return_lse)
+    if return_lse:
+        return res[0][:, :, :n], res[1][:, :, :n].float()
+    return res[:, :, :n]
 
 
 _BLOCK_MASKS: dict = {}
 
 
-def _cached_block_mask(cache_key, allowed, n, n_pad, device):
-    key = (cache_key, n, n_pad, str(device))
+def _cached_block_mask(cache_key, allowed, n, n_pad, device, heads):
+    key = (cache_key, n, n_pad, heads, str(device))
     if key not in _BLOCK_MASKS:
         if len(_BLOCK_MASKS) > 64:
             _BLOCK_MASKS.clear()
 
-        def mask_mod(bi, h, qi, ki):
-            return allowed(qi, ki) & (ki < n)
-        _BLOCK_MASKS[key] = make_block_mask(mask_mod, None, None, n_pad, n_pad, device)
+        def mask_mod(bi, hi, qi, ki):
+            return allowed(hi, qi, ki) & (ki < n)
+        _BLOCK_MASKS[key] = make_block_mask(mask_mod, None, heads, n_pad, n_pad, device)
     return _BLOCK_MASKS[key]
+
+
+def _no_head(pred):
+    return lambda h, q_pos, k_pos: pred(q_pos, k_pos)
 
 
 # ------------------------------------------------------------------------------------------------ window
@@ -154,13 +167,8 @@ def sliding_window_attention(q, k, v, window: int, causal: bool, dilation: int =
         return dense_masked_attention(q, k, v, _dense_mask(allowed, n, k.shape[2], q.device, key_padding_mask),
                                       scale, return_lse)
     if impl == "flex":
-        n_pad = _ceil(n, FLEX_BLOCK)
-        real = None if key_padding_mask is None else _real_keys(key_padding_mask, b, n, n_pad, q.device)
-        res = _flex_run(*(pad_seq(t, n_pad) for t in (q, k, v)), allowed, real, n,
-                        ("window", window, causal, dilation), scale, return_lse)
-        if return_lse:
-            return res[0][:, :, :n], res[1][:, :, :n]
-        return res[:, :, :n]
+        return _flex(q, k, v, _no_head(allowed), n, ("window", window, causal, dilation), key_padding_mask, scale,
+                     return_lse)
     real = _real_keys(key_padding_mask, b, n, n, q.device)
     if dilation > 1:
         n_pad = _ceil(n, dilation)
@@ -212,15 +220,15 @@ def longformer_attention(q, k, v, window: int, global_mask=None, global_qkv=None
     idx, gvalid = _gather_globals(gm)
     k, v = expand_kv(q, k, v)
     if impl == "flex":
-        n_pad = _ceil(n, FLEX_BLOCK)
+        # the band (global keys included) from a block mask built once per length, then the global keys
+        # outside each token's band as a small (N, G) partial, merged through the log-sum-exp
         band = window_predicate(window, False)
-        gm_pad = pad_seq(gm, n_pad, dim=1, value=False)
-        real_pad = pad_seq(real, n_pad, dim=1, value=False)
-
-        def mask_mod(bi, hi, qi, ki):
-            return (band(qi, ki) | gm_pad[bi, ki]) & real_pad[bi, ki]
-        bm = make_block_mask(mask_mod, b, None, n_pad, n_pad, q.device)
-        out = flex_attention(*(pad_seq(t, n_pad) for t in (q, k, v)), bm, scale=scale)[:, :, :n]
+        out, lse = _flex(q, k, v, _no_head(band), n, ("window", window, False, 1), key_padding_mask, scale, True)
+        pos = torch.arange(n, device=q.device)
+        far = ~band(pos[None, :, None], idx[:, None, :])  # (B, N, G): this global key is outside q's band
+        mask_e = (far & (gvalid & real.gather(1, idx))[:, None, :])[:, None]
+        o_e, l_e = dense_masked_attention(q, _take(k, idx), _take(v, idx), mask_e, scale, return_lse=True)
+        out, _ = merge_partials(out, lse, o_e, l_e)
     else:
         ke, ve = _take(k, idx), _take(v, idx)
         mask_e = (gvalid & real.gather(1, idx))[:, None, None, :].expand(b, 1, n, idx.shape[1])
@@ -280,7 +288,7 @@ def _table_layout(table: torch.Tensor) -> torch.Tensor:
 
 
 def bigbird_attention(q, k, v, block_size: int, table: torch.Tensor, num_global: int, key_padding_mask=None,
-                      scale=None, dropout_p: float = 0.0, impl: str = "auto"):
+                      scale=None, dropout_p: float = 0.0, impl: str = "auto", cache_key=None):
     """Block-sparse attention over `table` (see bigbird_block_table) for q/k/v padded to nb * block_size.
     Global query blocks see every key; their rows are computed densely (G * block_size rows, linear in N)."""
     b, h, n, d = q.shape
@@ -297,10 +305,11 @@ def bigbird_attention(q, k, v, block_size: int, table: torch.Tensor, num_global:
         dense = table.repeat_interleave(bs, 1).repeat_interleave(bs, 2)[None] & real[:, None, None, :]
         return dense_masked_attention(q, k, v, dense, scale)[:, :, :n]
     if impl == "flex":
-        def mask_mod(bi, hi, qi, ki):
-            return table[hi, qi // bs, ki // bs] & real[bi, ki]
-        bm = make_block_mask(mask_mod, b, h, n_pad, n_pad, q.device)
-        return flex_attention(q, k, v, bm, scale=scale)[:, :, :n]
+        def allowed(hi, qi, ki):  # flex pads past the last block: clamp, those keys are masked anyway
+            return table[hi, (qi // bs).clamp(max=nb - 1), (ki // bs).clamp(max=nb - 1)] & (ki < n)
+        key = None if cache_key is None else (*cache_key, n)
+        return _flex(q, k, v, allowed, n_pad, key, None if key_padding_mask is None else real, scale,
+                     heads=table.shape[0])[:, :, :n]
     out, _ = blocked_attention(q, k, v, _table_layout(table), bs, None, real, scale=scale, dropout_p=dropout_p)
     if num_global > 0:
         span = min(num_global * bs, n_pad)
@@ -340,11 +349,23 @@ def sparse_strided_attention(q, k, v, stride: int, pattern: str = "strided", sum
     impl = choose_impl(impl, q, dropout_p)
     if impl == "reference":
         return dense_masked_attention(q, k, v, _dense_mask(allowed, n, k.shape[2], q.device, key_padding_mask), scale)
+    if impl == "flex" and pattern == "fixed":
+        return _flex(q, k, v, _no_head(allowed), n, ("strided", stride, pattern, summary), key_padding_mask, scale)
     if impl == "flex":
-        n_pad = _ceil(n, FLEX_BLOCK)
+        # one mask would touch every causal tile (each holds a strided column); instead the local band and
+        # the strided columns (causal attention inside each residue class mod stride) run as two sparse
+        # passes, merged through the log-sum-exp
+        n_pad = _ceil(n, stride)
         real = None if key_padding_mask is None else _real_keys(key_padding_mask, b, n, n_pad, q.device)
-        out = _flex_run(*(pad_seq(t, n_pad) for t in (q, k, v)), allowed, real, n,
-                        ("strided", stride, pattern, summary), scale)
+        k, v = expand_kv(q, k, v)
+        q, k, v = (pad_seq(t, n_pad) for t in (q, k, v))
+        o1, l1 = _flex(q, k, v, _no_head(window_predicate(stride, True)), n_pad, ("window", stride, True, 1), real,
+                       scale, True)
+        qd, kd, vd = (_undilate(t, stride) for t in (q, k, v))
+        m = n_pad // stride
+        o2, l2 = _flex(qd, kd, vd, lambda h, qi, ki: ki < qi, m, ("strict_causal",),
+                       None if real is None else _undilate(real, stride), scale, True)
+        out, _ = merge_partials(o1, l1, _redilate(o2, stride), _redilate(l2, stride))
         return out[:, :, :n]
     n_pad = _ceil(n, stride)
     real = _real_keys(key_padding_mask, b, n, n_pad, q.device)

@@ -231,24 +231,54 @@ def test_switching_core_drops_the_other_cores_options():
     assert m.cfg.attention == {"core": "full", "backend": "auto"}
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("name,opts,causal", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
-def test_flex_path_on_cuda_equals_reference(name, opts, causal):
-    torch.manual_seed(0)
-    core = build_core(name, causal=causal, impl="flex", **opts).cuda()
-    q, k, v = (t.cuda() for t in qkv(300, d=16))
-    mask = padding(2, 300).cuda()
+def _flex_case(name, opts, causal, device, n=300):
+    core = build_core(name, causal=causal, impl="flex", **opts).to(device)
+    q, k, v = (t.to(device) for t in qkv(n, d=16))
     ctx = None
     if name == "longformer":
         core.setup(zoo.model_config("bert", d_model=64, n_heads=4))
-        core.cuda()
-        gm = torch.zeros(2, 300, dtype=torch.bool, device="cuda")
+        core.to(device)
+        gm = torch.zeros(2, n, dtype=torch.bool, device=device)
         gm[:, 0] = True
-        ctx = {"hidden": torch.randn(2, 300, 64, device="cuda"), "global_attention_mask": gm}
-        k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
-    for m in (None, mask):
+        gm[0, n // 2] = True
+        ctx = {"hidden": torch.randn(2, n, 64, device=device), "global_attention_mask": gm}
+    return core, (q, k, v), ctx
+
+
+@pytest.mark.parametrize("name,opts,causal", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_flex_path_forward_equals_reference(name, opts, causal, monkeypatch):
+    """The CUDA path's logic (block masks, padding to flex's tile, LSE merges) checked on CPU with flex_attention
+    run eagerly (forward only: flex has no CPU backward; the GPU test below checks gradients)."""
+    import kernels.sparse_attention as sa
+    import kernels.sparse_patterns as sp
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    monkeypatch.setattr(sa, "_flex", flex_attention)
+    monkeypatch.setattr(sp, "make_block_mask", lambda mm, b, h, nq, nk, device: create_block_mask(mm, b, h, nq, nk,
+                                                                                                  device=device))
+    monkeypatch.setattr(sp, "_BLOCK_MASKS", {})
+    core, (q, k, v), ctx = _flex_case(name, opts, causal, "cpu")
+    for m in (None, padding(2, 300)):
         fast, ref = core(q, k, v, key_padding_mask=m, context=ctx), core.reference(q, k, v, key_padding_mask=m,
                                                                                   context=ctx)
         if m is not None:
             fast, ref = fast * m[:, None, :, None], ref * m[:, None, :, None]
-        torch.testing.assert_close(fast, ref, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,opts,causal", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_flex_path_on_cuda_equals_reference_with_gradients(name, opts, causal):
+    torch.manual_seed(0)
+    core, inputs, ctx = _flex_case(name, opts, causal, "cuda")
+    weight = torch.randn_like(inputs[0])
+    for m in (None, padding(2, 300).cuda()):
+        results = []
+        for fn in (core, core.reference):
+            q, k, v = (t.clone().requires_grad_() for t in inputs)
+            out = fn(q, k, v, key_padding_mask=m, context=ctx)
+            if m is not None:
+                out = out * m[:, None, :, None]
+            (out * weight).sum().backward()
+            results.append([out, q.grad, k.grad, v.grad])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)

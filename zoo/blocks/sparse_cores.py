@@ -7,6 +7,8 @@ keys for the strided patterns (they reach back to the start).
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn as nn
 
@@ -22,6 +24,8 @@ from kernels.sparse_patterns import (
     window_predicate,
 )
 from zoo.blocks.cores import AttentionCore, register_core
+
+_UIDS = itertools.count()
 
 
 def _positive(name: str, value, minimum: int = 1) -> int:
@@ -166,6 +170,7 @@ class BigBirdCore(_SparseCore):
         self.layer_idx = 0
         self.n_heads = None
         self.random_blocks: dict[int, torch.Tensor] = {}
+        self.uid = next(_UIDS)  # names this core's layout in flex's block-mask cache
         self._tables: dict[int, torch.Tensor] = {}
 
     def setup(self, cfg) -> None:
@@ -180,8 +185,12 @@ class BigBirdCore(_SparseCore):
 
     def _run(self, q, k, v, key_padding_mask, impl):
         nb = -(-q.shape[2] // self.block_size)
-        return bigbird_attention(q, k, v, self.block_size, self.table(nb, q.shape[1]), self.num_global_blocks,
-                                 key_padding_mask, dropout_p=self._dropout(), impl=impl)
+        table = self.table(nb, q.shape[1])
+        if table.device != q.device:  # kept on the compute device, so that flex's block mask is built once
+            table = self._tables[nb] = table.to(q.device)
+        key = ("bigbird", self.uid, nb, q.shape[1])
+        return bigbird_attention(q, k, v, self.block_size, table, self.num_global_blocks, key_padding_mask,
+                                 dropout_p=self._dropout(), impl=impl, cache_key=key)
 
     def forward(self, q, k, v, key_padding_mask=None, cache=None, context=None):
         return self._run(q, k, v, key_padding_mask, self.impl)

@@ -1,0 +1,226 @@
+"""Attention cores alone: forward+backward time and peak memory against sequence length.
+
+    python scripts/bench_cores.py                                   # CPU, small lengths
+    python scripts/bench_cores.py device=cuda dtype=bf16 heads=16 head_dim=128 seq_lens=4096,8192,16384
+
+Rows, for each length:
+- `sdpa full` / `sdpa causal`: dense exact attention, torch SDPA with the fastest backend that runs
+  (cuDNN, then flash, then efficient, then math; the one used is in the table);
+- each sparse core of `cores=` through its own forward (impl=auto: flex_attention on CUDA, the blocked
+  kernel elsewhere);
+- on CUDA, `flex <core>`: torch's flex_attention called directly with the core's mask (the core's whole
+  pattern as one mask_mod, block mask built once outside the timed step), the yardstick the issue names.
+Time is the median of `repeats` fwd+bwd steps after `warmup`; peak memory is max_memory_allocated on CUDA
+(inputs, outputs, gradients, workspaces) and the profiler's allocator peak on CPU.
+Options: seq_lens batch heads head_dim device dtype repeats warmup cores out.
+"""
+from __future__ import annotations
+
+import csv
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from scripts._args import parse  # noqa: E402
+from scripts.bench import cpu_peak_bytes, device_name, is_oom  # noqa: E402
+from zoo.blocks import build_core  # noqa: E402
+
+CORES = {  # name -> (core, causal, options): the settings of the issue's H200 target
+    "sliding_window": ("sliding_window", True, {"window": 512}),
+    "longformer": ("longformer", False, {"window": 512}),
+    "bigbird": ("bigbird", False, {"block_size": 64, "num_random_blocks": 3, "num_global_blocks": 1}),
+    "sparse_strided": ("sparse_strided", True, {"stride": 128}),
+}
+DEFAULTS = {"seq_lens": "256,512,1024,2048", "batch": 1, "heads": 4, "head_dim": 64,
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "dtype": "fp32", "repeats": 5, "warmup": 2,
+            "cores": ",".join(CORES), "out": "outputs/bench/cores", "globals": 16}
+SDPA_ORDER = ["CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]
+
+
+class _Cfg:  # what a core's setup(cfg) reads
+    def __init__(self, heads, head_dim):
+        self.n_heads, self.head_dim, self.d_model, self.bias = heads, head_dim, heads * head_dim, True
+
+
+def measure(step, device: str, repeats: int, warmup: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(repeats):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        return statistics.median(times), torch.cuda.max_memory_allocated() / 2**20
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), cpu_peak_bytes(step) / 2**20
+
+
+def inputs(o, n, dtype, device):
+    shape = (o["batch"], o["heads"], n, o["head_dim"])
+    return [torch.randn(shape, dtype=dtype, device=device, requires_grad=True) for _ in range(3)]
+
+
+def fwd_bwd(fn, qkv):
+    def step():
+        for t in qkv:
+            t.grad = None
+        fn(*qkv).sum().backward()
+    return step
+
+
+def sdpa_fn(causal: bool, device: str):
+    """The fastest SDPA backend that accepts the call, and its name."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    order = SDPA_ORDER if device == "cuda" else ["FLASH_ATTENTION", "MATH"]
+    probe = [torch.randn(1, 2, 128, 64, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+             for _ in range(3)]
+    for name in order:
+        backend = getattr(SDPBackend, name)
+        try:
+            with sdpa_kernel([backend]):
+                F.scaled_dot_product_attention(*probe, is_causal=causal)
+        except RuntimeError:
+            continue
+
+        def fn(q, k, v, backend=backend):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return fn, name.split("_")[0].lower()
+    raise RuntimeError("no SDPA backend runs here")
+
+
+def core_fn(name: str, o, n: int, device: str):
+    core_name, causal, opts = CORES[name]
+    core = build_core(core_name, causal=causal, **opts).to(device)
+    ctx = None
+    if core_name == "longformer":
+        core.setup(_Cfg(o["heads"], o["head_dim"]))
+        core.to(device)
+        gm = torch.zeros(o["batch"], n, dtype=torch.bool, device=device)
+        gm[:, :: max(n // o["globals"], 1)] = True  # `globals` evenly spaced global tokens
+        hidden = torch.randn(o["batch"], n, o["heads"] * o["head_dim"], device=device)
+        ctx = {"global_attention_mask": gm, "hidden": hidden}
+    dtype = torch.bfloat16 if o["dtype"] == "bf16" else torch.float32
+
+    def fn(q, k, v):
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            return core(q, k, v, context=ctx)
+    return fn, core, ctx
+
+
+def flex_same_mask(name: str, core, ctx, n: int, device: str, heads: int):
+    """flex_attention with the core's whole pattern as one mask (block mask built once, outside timing)."""
+    from kernels.sparse_attention import flex_attention, make_block_mask
+    from kernels.sparse_patterns import strided_predicate, window_predicate
+    if name == "sliding_window":
+        pred = window_predicate(core.window, True)
+        mask_mod = lambda b, h, q, k: pred(q, k)  # noqa: E731
+    elif name == "sparse_strided":
+        pred = strided_predicate(core.stride, core.pattern, core.summary)
+        mask_mod = lambda b, h, q, k: pred(q, k)  # noqa: E731
+    elif name == "longformer":
+        band, gm = window_predicate(core.window, False), ctx["global_attention_mask"]
+        mask_mod = lambda b, h, q, k: band(q, k) | gm[b, k] | gm[b, q]  # noqa: E731
+    else:
+        bs = core.block_size
+        table = core.table(-(-n // bs), heads).to(device)
+        mask_mod = lambda b, h, q, k: table[h, q // bs, k // bs]  # noqa: E731
+    bm = make_block_mask(mask_mod, None, heads if name == "bigbird" else None, n, n, device)
+    return lambda q, k, v: flex_attention(q, k, v, bm)
+
+
+def main(argv: list[str]) -> list[dict]:
+    o = parse(argv, DEFAULTS)
+    lens = [int(x) for x in str(o["seq_lens"]).split(",")]
+    names = [c for c in str(o["cores"]).split(",") if c]
+    bad = [c for c in names if c not in CORES]
+    if bad:
+        raise SystemExit(f"cores={bad}; valid choices: {', '.join(CORES)}")
+    dev = o["device"]
+    dtype = torch.bfloat16 if o["dtype"] == "bf16" else torch.float32
+    rows = []
+    for n in lens:
+        plan = []
+        for causal in (False, True):
+            fn, backend = sdpa_fn(causal, dev)
+            plan.append((f"sdpa {'causal' if causal else 'full'} ({backend})", lambda fn=fn: fn))
+        for name in names:
+            plan.append((name, lambda name=name: core_fn(name, o, n, dev)[0]))
+            if dev == "cuda":
+                def flex_plan(name=name):
+                    _, core, ctx = core_fn(name, o, n, dev)
+                    return flex_same_mask(name, core, ctx, n, dev, o["heads"])
+                plan.append((f"flex {name}", flex_plan))
+        for label, make in plan:
+            try:
+                qkv = inputs(o, n, dtype, dev)
+                ms, mib = measure(fwd_bwd(make(), qkv), dev, o["repeats"], o["warmup"])
+            except Exception as e:  # noqa: BLE001 — an OOM (or a backend refusing a shape) is a result
+                if not is_oom(e) and dev == "cpu":
+                    raise
+                ms, mib = ("OOM" if is_oom(e) else f"error: {type(e).__name__}"), float("nan")
+            finally:
+                qkv = None
+                if dev == "cuda":
+                    torch.cuda.empty_cache()
+            rows.append({"impl": label, "seq_len": n, "ms fwd+bwd": ms, "peak MiB": mib})
+            print(f"{label:36s} {n:6d} {ms if isinstance(ms, str) else f'{ms:9.3f}'} ms  {mib:9.1f} MiB", flush=True)
+    write(rows, o, argv, dev)
+    return rows
+
+
+def write(rows, o, argv, dev):
+    out = Path(o["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cols = ["impl", "seq_len", "ms fwd+bwd", "peak MiB"]
+    fmt = lambda x: x if isinstance(x, str) else (f"{x:.3g}" if x < 1000 else f"{x:.0f}")  # noqa: E731
+    table = "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                      + ["| " + " | ".join(str(r[c]) if isinstance(r[c], int) else fmt(r[c]) for c in cols) + " |"
+                         for r in rows])
+    cmd = "python scripts/bench_cores.py " + " ".join(argv)
+    out.with_suffix(".md").write_text(
+        f"# Attention cores: forward+backward vs sequence length\n\n```\n{cmd}\n```\n\nMachine: {device_name(dev)}; "
+        f"torch {torch.__version__}; {platform.platform()}; batch {o['batch']}, {o['heads']} heads, head dim "
+        f"{o['head_dim']}, {o['dtype']}; median of {o['repeats']} after {o['warmup']} warm-up steps.\n\n{table}\n")
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        (w := csv.DictWriter(f, fieldnames=cols)).writeheader()
+        w.writerows(rows)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label in dict.fromkeys(r["impl"] for r in rows):
+        ok = [r for r in rows if r["impl"] == label and not isinstance(r["ms fwd+bwd"], str)]
+        for ax, key in zip(axes, ("ms fwd+bwd", "peak MiB")):
+            ax.plot([r["seq_len"] for r in ok], [r[key] for r in ok], marker="o", label=label,
+                    linestyle="--" if label.startswith(("sdpa", "flex")) else "-")
+    for ax, key in zip(axes, ("ms fwd+bwd", "peak MiB")):
+        ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel=key)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{device_name(dev)}, {o['heads']} heads x {o['head_dim']}, {o['dtype']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    plt.close(fig)
+    print(table)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
