@@ -310,7 +310,13 @@ def bigbird_attention(q, k, v, block_size: int, table: torch.Tensor, num_global:
         key = None if cache_key is None else (*cache_key, n)
         return _flex(q, k, v, allowed, n_pad, key, None if key_padding_mask is None else real, scale,
                      heads=table.shape[0])[:, :, :n]
-    out, _ = blocked_attention(q, k, v, _table_layout(table), bs, None, real, scale=scale, dropout_p=dropout_p)
+    # global query blocks are recomputed densely below: in the layout they keep only their own block, so that
+    # the gathered width is that of the sparse rows (window + global + random), not the whole sequence
+    sparse = table.clone()
+    if num_global > 0:
+        rows = torch.cat([torch.arange(min(num_global, nb)), torch.arange(max(nb - num_global, 0), nb)])
+        sparse[:, rows] = torch.eye(nb, dtype=torch.bool, device=table.device)[rows]
+    out, _ = blocked_attention(q, k, v, _table_layout(sparse), bs, None, real, scale=scale, dropout_p=dropout_p)
     if num_global > 0:
         span = min(num_global * bs, n_pad)
         rows = torch.cat([torch.arange(0, span), torch.arange(n_pad - span, n_pad)])

@@ -282,3 +282,33 @@ def test_flex_path_on_cuda_equals_reference_with_gradients(name, opts, causal):
             results.append([out, q.grad, k.grad, v.grad])
         for a, b in zip(*results):
             torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
+
+
+def test_longformer_global_every_and_shared_projections():
+    q, k, v = qkv(40, hkv=4)
+    lf = build_core("longformer", causal=False, window=4, global_every=10, global_projections="shared")
+    gm = (torch.arange(40) % 10 == 0).expand(2, 40)
+    want = build_core("longformer", causal=False, window=4, global_projections="shared")(
+        q, k, v, context={"global_attention_mask": gm})
+    torch.testing.assert_close(lf(q, k, v, context={}), want)
+    torch.testing.assert_close(lf(q, k, v), lf.reference(q, k, v), atol=1e-5, rtol=1e-5)
+    sep = zoo.build_model("longformer", vocab_size=97, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
+    shared = zoo.build_model(sep.cfg, attention={"core": "longformer", "window": 8, "global_projections": "shared"})
+    assert sep.num_params() - shared.num_params() == 2 * (3 * 32 * 32 + 3 * 32)
+    assert shared.num_params() == zoo.build_model(sep.cfg, attention="full").num_params()
+
+
+@pytest.mark.parametrize("core,overrides", [
+    ("longformer", ["model=longformer"]), ("bigbird", ["model=bigbird"]),
+    ("sliding_window", ["model=gpt", "attention=sliding_window", "model.attention.window=16"]),
+    ("sparse_strided", ["model=gpt", "attention=sparse_strided", "model.attention.stride=8"]),
+    ("longformer", ["model=longformer", "task=classification"])])
+def test_debug_smoke_trains_the_sparse_models(tmp_path, core, overrides):
+    import train
+    from helpers import make_cfg
+    cfg = make_cfg(tmp_path, *overrides, "logger=csv", "trainer.max_steps=6", "trainer.val_check_interval=3")
+    metrics = train.train(cfg)
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items() if "loss" in k)
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    model, mcfg = zoo.load_checkpoint(ckpt)
+    assert mcfg.attention["core"] == core and type(model.trunk.blocks[0].attn.core).name == core

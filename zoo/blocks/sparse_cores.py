@@ -12,7 +12,7 @@ import itertools
 import torch
 import torch.nn as nn
 
-from kernels.sparse_attention import dense_masked_attention
+from kernels.sparse_attention import dense_masked_attention, expand_kv
 from kernels.sparse_patterns import (
     IMPLS,
     bigbird_attention,
@@ -117,15 +117,32 @@ class LongformerCore(_SparseCore):
     supports_bidirectional = True
     uses_global_tokens = True
 
+    PROJECTIONS = ("separate", "shared")
+
     def __init__(self, causal: bool, dropout: float = 0.0, backend: str = "auto", window: int = 256,
-                 impl: str = "auto"):
+                 global_every: int = 0, global_projections: str = "separate", impl: str = "auto"):
         super().__init__(causal, dropout, backend, impl)
         self.window = _positive("window", window, minimum=2)
+        # global_every=k: without a global_attention_mask, every k-th position is global (long-range paths for
+        # masked-LM, where no token is special); 0 = none, as the paper's MLM pre-training
+        self.global_every = _positive("global_every", global_every, minimum=0)
+        if global_projections not in self.PROJECTIONS:
+            raise ValueError(f"attention.global_projections={global_projections!r}; valid choices: "
+                             f"{', '.join(self.PROJECTIONS)}")
+        # shared: global tokens reuse the local q/k/v, so the core adds no parameters (equal-size comparisons)
+        self.global_projections = global_projections
         self.global_qkv = None
 
     def setup(self, cfg) -> None:
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
-        self.global_qkv = nn.Linear(cfg.d_model, 3 * cfg.n_heads * cfg.head_dim, bias=cfg.bias)
+        if self.global_projections == "separate":
+            self.global_qkv = nn.Linear(cfg.d_model, 3 * cfg.n_heads * cfg.head_dim, bias=cfg.bias)
+
+    def _global_mask(self, context, q):
+        gm = (context or {}).get("global_attention_mask")
+        if gm is None and self.global_every:
+            gm = (torch.arange(q.shape[2], device=q.device) % self.global_every == 0).expand(q.shape[0], -1)
+        return gm
 
     def _global_qkv(self, context):
         hidden = context["hidden"]
@@ -134,12 +151,15 @@ class LongformerCore(_SparseCore):
         return tuple(t.transpose(1, 2) for t in qkv.unbind(2))
 
     def _run(self, q, k, v, key_padding_mask, context, impl):
-        gm = (context or {}).get("global_attention_mask")
+        gm = self._global_mask(context, q)
         g = None
         if gm is not None and bool(gm.any()):
-            if self.global_qkv is None:
+            if self.global_projections == "shared":
+                g = (q, *expand_kv(q, k, v))
+            elif self.global_qkv is None:
                 raise ValueError("the longformer core was built without setup(cfg): it has no global projections")
-            g = self._global_qkv(context)
+            else:
+                g = self._global_qkv(context)
         return longformer_attention(q, k, v, self.window, gm, g, key_padding_mask, dropout_p=self._dropout(),
                                     impl=impl)
 
