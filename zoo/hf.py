@@ -1,5 +1,5 @@
 """Hugging Face import/export for GPT-2 (GPT2LMHeadModel), BERT, Longformer and BigBird (*ForMaskedLM /
-*ForSequenceClassification).
+*ForSequenceClassification) and Mixtral (MixtralForCausalLM, in zoo.hf_mixtral).
 
 Pure state-dict conversion: `transformers` is not needed at runtime. Each architecture is one table
 of (zoo parameter, HF parameter(s), transpose?) read in one direction to import and in the other to
@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 
 from zoo.checkpoint import CheckpointError
+from zoo.hf_mixtral import from_hf_mixtral, to_hf_mixtral
+from zoo.hf_reformer import from_hf_reformer, to_hf_reformer
 from zoo.models import ModelConfig, ZooModel
 
-SUPPORTED = ("gpt2", "bert", "longformer", "big_bird")
+SUPPORTED = ("gpt2", "bert", "longformer", "big_bird", "mixtral", "reformer")
 _LM_KEY = {"gpt2": "lm_head.weight", "bert": "cls.predictions.decoder.weight",
            "big_bird": "cls.predictions.decoder.weight", "longformer": "lm_head.decoder.weight"}
 # BERT-layout encoders: where each keeps its trunk, MLM head (dense, norm, bias) and classification head
@@ -343,7 +345,8 @@ def to_hf_big_bird(model: ZooModel) -> tuple[dict, dict]:
     return config, _export(model, "big_bird")
 
 
-_FROM_HF = {"gpt2": from_hf_gpt2, "bert": from_hf_bert, "longformer": from_hf_longformer, "big_bird": from_hf_big_bird}
+_FROM_HF = {"gpt2": from_hf_gpt2, "bert": from_hf_bert, "longformer": from_hf_longformer, "big_bird": from_hf_big_bird,
+            "mixtral": from_hf_mixtral, "reformer": from_hf_reformer}
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",  # in the order transformers prefers them
                  "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -412,6 +415,10 @@ def load_pretrained(path) -> tuple[ZooModel, ModelConfig]:
 
 
 def _to_hf(model: ZooModel) -> tuple[dict, dict]:
+    if model.cfg.ffn == "moe":
+        return to_hf_mixtral(model)
+    if model.cfg.reversible:
+        return to_hf_reformer(model)
     if model.cfg.arch == "decoder":
         return to_hf_gpt2(model)
     core = model.cfg.attention["core"]
@@ -420,7 +427,7 @@ def _to_hf(model: ZooModel) -> tuple[dict, dict]:
 
 def save_pretrained(model: ZooModel, out_dir, overwrite: bool = False) -> Path:
     """Write config.json + model.safetensors that `transformers.AutoModelFor*.from_pretrained` loads.
-    A decoder becomes GPT-2; an encoder with the longformer or bigbird
+    A decoder with MoE FFNs becomes Mixtral, another decoder GPT-2; an encoder with the longformer or bigbird
     core becomes Longformer or BigBird, another encoder BERT; a config its target cannot express raises before
     anything is written."""
     from safetensors.torch import save_file

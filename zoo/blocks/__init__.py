@@ -7,6 +7,8 @@ from zoo.blocks.norms import LayerNorm, RMSNorm, build_norm
 from zoo.blocks.positions import LearnedPositions, RotaryEmbedding, SinusoidalPositions
 
 import zoo.blocks.sparse_cores  # noqa: F401  (registers sliding_window, longformer, bigbird, sparse_strided)
+import zoo.blocks.linear_cores  # noqa: F401  (registers performer, linear)
+import zoo.blocks.lsh_core  # noqa: F401  (registers lsh)
 
 __all__ = [
     "Attention", "AttentionCore", "Block", "CORES", "LayerNorm", "LearnedPositions", "MLP", "RMSNorm",

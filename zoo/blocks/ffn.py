@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
-FFNS = ("mlp", "swiglu")
+FFNS = ("mlp", "swiglu", "moe")  # moe: zoo.blocks.moe.MoE, built by the block from the model config
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
 
@@ -51,4 +51,6 @@ def build_ffn(kind: str, dim: int, hidden: int, act: str, bias: bool, dropout: f
         return MLP(dim, hidden, act, bias, dropout)
     if kind == "swiglu":
         return SwiGLU(dim, hidden, bias, dropout)
+    if kind == "moe":
+        raise ValueError("ffn='moe' needs the model config (experts, top-k): build it with MoE.from_config(cfg)")
     raise ValueError(f"ffn={kind!r}; valid choices: {', '.join(FFNS)}")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from zoo.blocks.cores import check_core, split_options
 from zoo.blocks.ffn import ACTIVATIONS, FFNS
+from zoo.blocks.moe import DISPATCHES
 from zoo.blocks.norms import NORMS
 from zoo.blocks.positions import POSITIONS
 
@@ -25,7 +26,14 @@ class ModelConfig:
     n_kv_heads: int | None = None  # None = n_heads (MHA); 1 = MQA; in between = GQA
     head_dim: int | None = None  # None = d_model // n_heads
     d_ff: int | None = None  # None = 4 * d_model
-    ffn: str = "mlp"
+    ffn: str = "mlp"  # mlp, swiglu, or moe: n_experts SwiGLU experts of width d_ff behind a top-k router
+    n_experts: int = 8
+    moe_top_k: int = 2
+    moe_aux_coef: float = 0.01  # Switch load-balancing loss weight (HF Mixtral: router_aux_loss_coef)
+    moe_z_coef: float = 0.0  # ST-MoE router z-loss weight (0 = off; ST-MoE used 1e-3)
+    moe_jitter: float = 0.0  # multiplicative router-input noise in training (Switch used 0.01)
+    moe_capacity_factor: float | None = None  # None = dropless; else each expert takes ceil(cf * tokens * k / E)
+    moe_dispatch: str = "auto"  # auto (grouped matmul where available), grouped, loop, reference
     activation: str = "gelu_tanh"
     norm: str = "layernorm"
     norm_eps: float = 1e-5
@@ -44,10 +52,20 @@ class ModelConfig:
     num_labels: int = 0  # > 0 adds a sequence-classification head
     init_std: float = 0.02
     activation_checkpointing: bool = False
+    # Reformer (zoo.models.reformer): a reversible two-stream stack whose output is 2 * d_model wide
+    reversible: bool = False
+    ffn_chunks: int = 1  # the FFN runs on this many slices of the sequence in turn (caps its activation)
+    axial_shape: list | None = None  # [s0, s1]: axial position embeddings for s0 * s1 positions
+    axial_dims: list | None = None  # [d0, d1], d0 + d1 = d_model
 
     @property
     def causal(self) -> bool:
         return self.arch == "decoder"
+
+    @property
+    def hidden_width(self) -> int:
+        """Width of the trunk's output: a reversible stack hands both streams to the heads."""
+        return 2 * self.d_model if self.reversible else self.d_model
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -99,7 +117,52 @@ class ModelConfig:
         self.attention = {"core": core.name, **options}
         if core.needs_shared_qk and not self.shared_qk:
             raise ValueError(f"attention.core={core.name!r} needs model.shared_qk=true")
+        if self.ffn == "moe":
+            self._validate_moe()
+        self._validate_reformer()
         for p in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, p) < 1.0:
                 raise ValueError(f"model.{p} must be in [0, 1), got {getattr(self, p)}")
         return self
+
+    def _validate_moe(self) -> None:
+        if self.n_experts < 1:
+            raise ValueError(f"model.n_experts must be >= 1, got {self.n_experts}")
+        if not 1 <= self.moe_top_k <= self.n_experts:
+            raise ValueError(f"model.moe_top_k={self.moe_top_k} must be in [1, model.n_experts={self.n_experts}]")
+        for p in ("moe_aux_coef", "moe_z_coef"):
+            if getattr(self, p) < 0:
+                raise ValueError(f"model.{p} must be >= 0, got {getattr(self, p)}")
+        if not 0.0 <= self.moe_jitter < 1.0:
+            raise ValueError(f"model.moe_jitter must be in [0, 1), got {self.moe_jitter}")
+        if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
+            raise ValueError(f"model.moe_capacity_factor must be > 0, or null for dropless routing, "
+                             f"got {self.moe_capacity_factor}")
+        if self.moe_dispatch not in DISPATCHES:
+            raise ValueError(f"model.moe_dispatch={self.moe_dispatch!r}; valid choices: {', '.join(DISPATCHES)}")
+
+    def _validate_reformer(self) -> None:
+        if not isinstance(self.ffn_chunks, int) or self.ffn_chunks < 1:
+            raise ValueError(f"model.ffn_chunks must be an integer >= 1, got {self.ffn_chunks!r}")
+        if self.reversible:
+            if self.norm_position != "pre":
+                raise ValueError("model.reversible=true needs model.norm_position=pre (each sub-layer normalises "
+                                 "its input; a post-norm residual cannot be inverted)")
+            if self.tie_embeddings:
+                raise ValueError("model.reversible=true needs model.tie_embeddings=false: the LM head reads both "
+                                 f"streams (2 * d_model = {2 * self.d_model} wide), not the embedding width")
+        if (self.axial_shape is None) != (self.axial_dims is None):
+            raise ValueError("model.axial_shape and model.axial_dims go together: set both, or neither")
+        if self.axial_shape is not None:
+            self.axial_shape, self.axial_dims = list(self.axial_shape), list(self.axial_dims)
+            if len(self.axial_shape) != 2 or len(self.axial_dims) != 2 or min(self.axial_shape + self.axial_dims) < 1:
+                raise ValueError(f"model.axial_shape={self.axial_shape} and model.axial_dims={self.axial_dims} "
+                                 "must each be two positive integers")
+            if sum(self.axial_dims) != self.d_model:
+                raise ValueError(f"model.axial_dims={self.axial_dims} must sum to model.d_model={self.d_model}")
+            if self.axial_shape[0] * self.axial_shape[1] < self.max_seq_len:
+                raise ValueError(f"model.axial_shape={self.axial_shape} covers {self.axial_shape[0] * self.axial_shape[1]}"
+                                 f" positions, fewer than model.max_seq_len={self.max_seq_len}")
+            if self.position != "learned":
+                raise ValueError(f"model.axial_shape replaces the learned position table; it needs "
+                                 f"model.position=learned, got {self.position!r}")

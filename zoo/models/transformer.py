@@ -11,9 +11,11 @@ import torch.utils.checkpoint
 
 from zoo.blocks.block import Block
 from zoo.blocks.ffn import activation
+from zoo.blocks.moe import MoE, combine_aux
 from zoo.blocks.norms import build_norm
 from zoo.blocks.positions import build_absolute_positions
 from zoo.models.config import ModelConfig
+from zoo.models.reformer import AxialPositions, reversible_stack
 
 
 class Transformer(nn.Module):
@@ -21,14 +23,15 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = build_absolute_positions(cfg.position, cfg.max_seq_len, cfg.d_model)
+        self.pos_emb = (AxialPositions(cfg.axial_shape, cfg.axial_dims) if cfg.axial_shape
+                        else build_absolute_positions(cfg.position, cfg.max_seq_len, cfg.d_model))
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
         self.emb_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         for i, block in enumerate(self.blocks):
             block.attn.core.layer_idx = i  # cores with per-layer randomness (BigBird's layout) seed from it
-        self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.final_norm else None
+        self.norm = build_norm(cfg.norm, cfg.hidden_width, cfg.norm_eps, cfg.bias) if cfg.final_norm else None
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, start_pos: int = 0, cache=None,
                 global_attention_mask=None):
@@ -51,6 +54,11 @@ class Transformer(nn.Module):
         key_padding_mask = attention_mask.bool() if attention_mask is not None else None
         # per-example inputs that some cores read (Longformer's global tokens)
         context = {"global_attention_mask": global_attention_mask.bool()} if global_attention_mask is not None else None
+        if self.cfg.reversible:  # the Reformer: activations recomputed in backward, output 2 * d_model wide
+            if cache is not None:
+                raise ValueError("model.reversible=true has no KV cache: generation recomputes the context")
+            x = reversible_stack(self.blocks, x, positions, key_padding_mask, context, self.cfg.ffn_chunks)
+            return self.norm(x) if self.norm is not None else x
         for i, block in enumerate(self.blocks):
             layer_cache = cache[i] if cache is not None else None
             if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
@@ -66,7 +74,7 @@ class MLMHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dense = nn.Linear(cfg.hidden_width, cfg.d_model)
         self.act = activation(cfg.activation)
         self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
 
@@ -79,7 +87,7 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.pool = nn.Linear(cfg.d_model, cfg.d_model)
+        self.pool = nn.Linear(cfg.hidden_width, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(cfg.d_model, cfg.num_labels)
 
@@ -96,7 +104,9 @@ class ZooModel(nn.Module):
         self.cfg = cfg
         self.trunk = Transformer(cfg)
         self.mlm_head = MLMHead(cfg) if cfg.arch == "encoder" else None
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.arch == "encoder")
+        # BERT's and the Reformer's LM heads have a bias; GPT-2's has none
+        width = cfg.d_model if self.mlm_head is not None else cfg.hidden_width  # the MLM transform narrows it
+        self.lm_head = nn.Linear(width, cfg.vocab_size, bias=cfg.arch == "encoder" or cfg.reversible)
         self.cls_head = ClassificationHead(cfg) if cfg.num_labels > 0 else None
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -138,12 +148,38 @@ class ZooModel(nn.Module):
 
     def new_cache(self) -> list[dict]:
         """An empty KV cache, one dict per layer, for incremental decoding."""
-        if self.cfg.arch != "decoder" or not self.trunk.blocks[0].attn.core.supports_kv_cache:
+        if self.cfg.arch != "decoder" or self.cfg.reversible or not self.trunk.blocks[0].attn.core.supports_kv_cache:
             raise ValueError(f"attention.core={self.cfg.attention['core']!r} in a {self.cfg.arch} has no KV cache")
         return [{} for _ in self.trunk.blocks]
 
-    def num_params(self, exclude_embeddings: bool = False) -> int:
+    def moe_layers(self) -> list[MoE]:
+        return [b.ffn for b in self.trunk.blocks if isinstance(b.ffn, MoE)]
+
+    def moe_losses(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(load-balancing loss, router z-loss) of the last forward, unweighted; None without MoE layers.
+        The load-balancing loss equals HF MixtralForCausalLM's `aux_loss` (see zoo.blocks.moe.combine_aux)."""
+        layers = [m for m in self.moe_layers() if m.stats is not None]
+        return combine_aux([m.stats for m in layers], self.cfg.n_experts) if layers else None
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """What training adds to the token loss: moe_aux_coef * load balancing + moe_z_coef * z-loss."""
+        losses = self.moe_losses()
+        if losses is None:
+            return None
+        lb, z = losses
+        return self.cfg.moe_aux_coef * lb + self.cfg.moe_z_coef * z
+
+    def expert_load(self) -> torch.Tensor | None:
+        """(MoE layers, experts): each layer's share of routed assignments per expert in the last forward."""
+        layers = self.moe_layers()
+        return torch.stack([m.expert_load() for m in layers]) if layers and layers[0].stats is not None else None
+
+    def num_params(self, exclude_embeddings: bool = False, active: bool = False) -> int:
+        """All parameters, or with active=True those one token uses (top-k of each MoE layer's experts)."""
         n = sum(p.numel() for p in self.parameters())
+        if active:
+            for m in self.moe_layers():
+                n -= (m.w13.numel() + m.w2.numel()) * (m.n_experts - m.top_k) // m.n_experts
         if exclude_embeddings:
             n -= self.trunk.tok_emb.weight.numel()
             if self.trunk.pos_emb is not None and hasattr(self.trunk.pos_emb, "weight"):
@@ -154,7 +190,7 @@ class ZooModel(nn.Module):
         """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B:
         6 * params (excluding embeddings) + 12 * layers * heads * head_dim * seq_len (attention)."""
         c = self.cfg
-        n = self.num_params(exclude_embeddings=True)
+        n = self.num_params(exclude_embeddings=True, active=True)  # an MoE token runs only its top-k experts
         if not c.tie_embeddings:
             n -= self.lm_head.weight.numel()  # counted below with the tied case
         n += c.vocab_size * c.d_model  # the LM head matmul
@@ -169,19 +205,30 @@ class ZooModel(nn.Module):
         """Sample continuations. temperature=0 is greedy. Uses the KV cache when the core has one."""
         if self.cfg.arch != "decoder":
             raise ValueError("generate() needs a decoder (model.arch=decoder)")
-        cache = self.new_cache() if use_cache else None
+        # cores without a cache (lsh) and the reversible stack recompute the context at each step
+        has_cache = self.trunk.blocks[0].attn.core.supports_kv_cache and not self.cfg.reversible
+        cache = self.new_cache() if use_cache and has_cache else None
+        for m in self.moe_layers():  # no routing statistics: nothing reads them while decoding
+            m.track_stats, m.stats = False, None
+        try:
+            return self._generate(input_ids, max_new_tokens, temperature, top_k, generator, cache)
+        finally:
+            for m in self.moe_layers():
+                m.track_stats = True
+
+    def _generate(self, input_ids, max_new_tokens, temperature, top_k, generator, cache):
         out = input_ids
         step_input, start = input_ids, 0
         for _ in range(max_new_tokens):
             if cache is None:
                 ctx = out[:, -self.cfg.max_seq_len:]
-                logits = self(ctx)[:, -1]
+                logits = self.logits(self.hidden_states(ctx)[:, -1])  # the head on the last position only
             else:
                 if start + step_input.shape[1] > self.cfg.max_seq_len:
                     # the cache is full: fall back to recomputing the last window
                     cache = self.new_cache()
                     step_input, start = out[:, -self.cfg.max_seq_len + 1:], 0
-                logits = self(step_input, start_pos=start, cache=cache)[:, -1]
+                logits = self.logits(self.hidden_states(step_input, start_pos=start, cache=cache)[:, -1])
                 start += step_input.shape[1]
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import math
 import resource
+import time
 
 import lightning.pytorch as pl
 import torch
@@ -157,12 +158,42 @@ class ZooTask(pl.LightningModule):
             self._peak = peak_flops(self.device, dtype)[0]
         seq_len = self.trainer.datamodule.seq_len if self.trainer.datamodule is not None else 1
         stats = self.throughput.step(tokens, self.net.flops_per_token(seq_len), self._peak, self.trainer.world_size)
+        # wall time since this process's first step (validation included): loss-vs-time curves (scripts/curves.py)
+        now = time.perf_counter()
+        self._t_first_step = getattr(self, "_t_first_step", None) or now
+        stats["elapsed_s"] = now - self._t_first_step
         if self.device.type == "cuda":
             stats["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         else:  # the process's peak resident set: an upper bound (it includes Python and the data)
             stats["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         for k, v in stats.items():
             self.log(f"train/{k}", _host(v), on_step=True, on_epoch=False, prog_bar=k == "tokens_per_s")
+
+    def log_moe(self, aux: torch.Tensor) -> None:
+        """The weighted MoE aux loss every step; on logging steps also the unweighted balance and z losses, each
+        layer's max/min expert load and, to the loggers only, every expert's load (share of the layer's routed
+        tokens; 1/E when balanced) as moe/load_l{layer}_e{expert}: all read from the device in one sync."""
+        self.log("train/moe_aux", aux.detach(), on_step=True, on_epoch=False)
+        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps):  # Lightning's rule for writing logs
+            return
+        lb, z = self.net.moe_losses()
+        load = self.net.expert_load()
+        values = torch.cat([torch.stack([lb.detach(), z.detach()]).float(), load.detach().float().flatten()]).tolist()
+        self.log("moe/balance_loss", _host(values[0]), on_step=True, on_epoch=False)
+        self.log("moe/z_loss", _host(values[1]), on_step=True, on_epoch=False)
+        if not hasattr(self, "_active_params"):  # so that compare.py tables can show active vs total
+            self._active_params = self.net.num_params(active=True)
+        self.log("moe/active_params", _host(self._active_params), on_step=True, on_epoch=False)
+        n_layers, n_experts = load.shape
+        per_expert = {}
+        for i in range(n_layers):
+            row = values[2 + i * n_experts: 2 + (i + 1) * n_experts]
+            self.log(f"moe/load_max_l{i}", _host(max(row)), on_step=True, on_epoch=False)
+            self.log(f"moe/load_min_l{i}", _host(min(row)), on_step=True, on_epoch=False)
+            per_expert.update({f"moe/load_l{i}_e{j}": v for j, v in enumerate(row)})
+        # straight to the loggers: layers x experts numbers belong in wandb/CSV, not in every run's summary table
+        for lg in self.loggers:
+            lg.log_metrics(per_expert, step=self.global_step)
 
     def on_train_batch_start(self, batch, batch_idx):
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]

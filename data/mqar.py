@@ -1,0 +1,133 @@
+"""Multi-query associative recall (MQAR; Arora et al. 2023, "Zoology"): a synthetic recall task.
+
+An example is `num_kv_pairs` key-value pairs, then the same keys queried again, each query followed by its
+value, in a random order at random places of the rest of the sequence (filler token 0 elsewhere):
+
+    k1 v1 k2 v2 ... kP vP   0 0 k2 v2 0 0 0 k1 v1 0 ... kP vP 0 0
+
+The model reads the sequence causally and is scored only where it must recall: at each query key, the
+next token is that key's value (labels there; -100 everywhere else). Keys are distinct within an example
+and drawn from the lower half of the vocabulary (token 0 excluded), values from the upper half, as in
+Zoology, so a key and a value can never be confused. Zoology places queries with a power-law bias towards
+the context; here the query slots are uniform over the query region (longer key-query distances on
+average, which is what separates a fixed window or a fixed-size state from full attention).
+
+Deterministic: the examples of a split are a function of (seed, split) only.
+"""
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from data.loading import ResumableBatchSampler, ResumableLoader
+from data.tokenizers import ByteTokenizer, pad_vocab
+
+SPLITS = {"train": 0, "val": 1}
+
+
+def check_mqar(vocab_size: int, seq_len: int, num_kv_pairs: int) -> None:
+    if num_kv_pairs < 1:
+        raise ValueError(f"data.num_kv_pairs must be positive, got {num_kv_pairs}")
+    if num_kv_pairs > vocab_size // 2 - 1:
+        raise ValueError(f"data.num_kv_pairs={num_kv_pairs} needs data.vocab_size >= {2 * (num_kv_pairs + 1)} "
+                         f"(distinct keys come from the lower half of the vocabulary, token 0 excluded), "
+                         f"got {vocab_size}")
+    if seq_len + 1 < 4 * num_kv_pairs:
+        raise ValueError(f"data.seq_len={seq_len} is too short for data.num_kv_pairs={num_kv_pairs}: "
+                         f"the pairs and their queries need seq_len >= {4 * num_kv_pairs - 1}")
+
+
+def generate_mqar(n: int, *, vocab_size: int, seq_len: int, num_kv_pairs: int, seed: int, split: str = "train"):
+    """n examples as (input_ids, labels), both (n, seq_len) int64; labels are -100 except at query keys."""
+    check_mqar(vocab_size, seq_len, num_kv_pairs)
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; valid choices: {', '.join(SPLITS)}")
+    rng = np.random.default_rng([seed, SPLITS[split]])
+    p, half = num_kv_pairs, vocab_size // 2
+    # distinct keys: the first p of a random permutation of 1 .. half-1, per example
+    keys = np.argsort(rng.random((n, half - 1)), axis=1)[:, :p] + 1
+    values = rng.integers(half, vocab_size, size=(n, p))
+    seq = np.zeros((n, seq_len + 1), dtype=np.int64)  # one more token than the input: the last target
+    seq[:, 0 : 2 * p : 2], seq[:, 1 : 2 * p : 2] = keys, values
+    # the query region is cut into 2-token slots; each key is asked in one of them, chosen uniformly
+    n_slots = (seq_len + 1 - 2 * p) // 2
+    slots = np.argsort(rng.random((n, n_slots)), axis=1)[:, :p]
+    pos = 2 * p + 2 * slots
+    rows = np.arange(n)[:, None]
+    seq[rows, pos], seq[rows, pos + 1] = keys, values
+    labels = np.full((n, seq_len), -100, dtype=np.int64)
+    labels[rows, pos] = values  # at the query key, the next token is its value
+    return torch.from_numpy(seq[:, :-1].copy()), torch.from_numpy(labels)
+
+
+class _MQARSet(Dataset):
+    def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        self.input_ids, self.labels = input_ids, labels
+
+    def __len__(self):
+        return len(self.input_ids)
+
+    def __getitem__(self, key):
+        epoch, i, b = key
+        return {"input_ids": self.input_ids[i], "labels": self.labels[i], "batch_number": b}
+
+
+def _collate(items):
+    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+
+
+class MQARDataModule(pl.LightningDataModule):
+    """MQAR train/val splits of fixed size, generated once at setup, served in a resumable order."""
+
+    def __init__(self, vocab_size: int = 256, seq_len: int = 128, num_kv_pairs: int = 8, num_train: int = 20000,
+                 num_val: int = 1000, batch_size: int = 64, seed: int = 1234, num_workers: int = 0,
+                 max_val_batches: int | None = None):
+        super().__init__()
+        check_mqar(vocab_size, seq_len, num_kv_pairs)
+        if batch_size < 1 or num_train < 1 or num_val < 1:
+            raise ValueError("data.batch_size, data.num_train and data.num_val must be positive")
+        self.vocab, self.seq_len, self.num_kv_pairs = vocab_size, seq_len, num_kv_pairs
+        self.num_train, self.num_val, self.batch_size, self.seed = num_train, num_val, batch_size, seed
+        self.num_workers, self.max_val_batches = num_workers, max_val_batches
+        self._train_sampler = None
+
+    @property
+    def vocab_size(self) -> int:
+        # at least the byte tokenizer's ids (see load_tokenizer): train.py's end-of-run sample and
+        # scripts/generate.py feed it text; the extra rows cost nothing and are never targets
+        return pad_vocab(max(self.vocab, ByteTokenizer().n_tokens))
+
+    def load_tokenizer(self):
+        # MQAR tokens are bare ids, not text; checkpoints store a tokenizer so that the scripts can load them,
+        # and the byte one is the one that needs no state (its decoding of MQAR ids is meaningless)
+        return ByteTokenizer()
+
+    def setup(self, stage=None):
+        kw = dict(vocab_size=self.vocab, seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs, seed=self.seed)
+        n_val = min(self.num_val, self.max_val_batches * self.batch_size) if self.max_val_batches else self.num_val
+        self.train_set = _MQARSet(*generate_mqar(self.num_train, split="train", **kw))
+        self.val_set = _MQARSet(*generate_mqar(n_val, split="val", **kw))
+
+    def _loader(self, dataset, shuffle: bool):
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        sampler = ResumableBatchSampler(len(dataset), self.batch_size, shuffle, self.seed, rank, world)
+        loader = ResumableLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=_collate,
+                                 persistent_workers=self.num_workers > 0,
+                                 generator=torch.Generator().manual_seed(self.seed))
+        return loader, sampler
+
+    def train_dataloader(self):
+        loader, self._train_sampler = self._loader(self.train_set, shuffle=True)
+        return loader
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, shuffle=False)[0]
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        # the position saved in a checkpoint is that of the last batch trained on (see data.loading)
+        pos = batch.pop("batch_number")
+        if self.trainer is not None and self.trainer.training and self._train_sampler is not None:
+            self._train_sampler.consumed = int(pos[0]) + 1
+        return batch

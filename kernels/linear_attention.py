@@ -1,0 +1,179 @@
+"""Linear (kernelized) attention: out_i = phi(q_i) . sum_j phi(k_j) v_j^T / phi(q_i) . sum_j phi(k_j).
+
+Feature maps:
+- FAVOR+ (Choromanski et al. 2021, "Rethinking Attention with Performers"): positive random features
+  phi(x) = exp(w . x^ - |x^|^2 / 2) / sqrt(m) with x^ = x / d^(1/4), so that E[phi(q) . phi(k)] =
+  exp(q . k / sqrt(d)), the softmax kernel; w are Gaussian rows, optionally made exactly orthogonal
+  in blocks of d (lower variance, the paper's claim, tested).
+- the generalized ReLU kernel of the same paper: relu(w . x^) + eps.
+- elu(x) + 1 (Katharopoulos et al. 2020, "Transformers are RNNs").
+
+Attention given the features:
+- bidirectional: two matmuls through the (m, d_v) state, O(n).
+- causal: a chunked prefix-sum scan. Inside a chunk of C positions the masked quadratic form is
+  computed directly (C x C); across chunks a running state S = sum phi(k) v^T, z = sum phi(k) is
+  carried by a cumulative sum over chunk states. No n x n matrix and no Python loop over positions;
+  memory is O(n (m + C) + (n / C) m d_v), linear in n. The final state is returned so that a decoder
+  can continue from it one token at a time (a KV cache of constant size).
+- a quadratic masked reference for tests.
+
+Everything is computed in float32 at least: exp() features and long cumulative sums are not safe in
+half precision. Layout: (batch, heads, seq, dim); GQA is the caller's business (expand kv heads).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+FEATURE_MAPS = ("softmax", "relu", "elu")
+RELU_EPS = 1e-3  # Performer's kernel_epsilon: keeps the denominator away from zero for all-negative projections
+
+
+# exp() of very negative numbers gives subnormal floats, which CPUs process up to 100x slower (a trained
+# Linear Transformer slowed 50x on them); a floor of e^-30 relative to the largest feature changes every
+# output by less than 1e-12 relative, and keeps products of two features normal in float32
+_LOG_FLOOR = -30.0
+
+
+def _exp(x: torch.Tensor) -> torch.Tensor:
+    return torch.exp(x.clamp_min(_LOG_FLOOR))
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def random_projection(nb_features: int, dim: int, *, orthogonal: bool = True, seed: int = 0,
+                      device=None) -> torch.Tensor:
+    """(nb_features, dim) Gaussian directions for FAVOR+, drawn in float64 on the CPU from `seed`, so that
+    the same seed gives the same features on any device and any rank.
+
+    orthogonal: rows come in blocks of `dim` exactly orthogonal directions (QR of a Gaussian matrix),
+    each rescaled to the norm of an independent Gaussian vector, so that every row is still marginally
+    N(0, I) (the estimator stays unbiased) while rows in a block are orthogonal (lower variance)."""
+    g = torch.Generator().manual_seed(int(seed))
+    n_blocks = math.ceil(nb_features / dim)
+    gauss = torch.randn(n_blocks, dim, dim, generator=g, dtype=torch.float64, device="cpu")
+    if orthogonal:
+        q, r = torch.linalg.qr(gauss)
+        # fix QR's sign ambiguity so that the blocks are Haar-distributed rotations
+        q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]
+        rows = q.transpose(-1, -2).reshape(-1, dim)[:nb_features]
+        norms = torch.randn(nb_features, dim, generator=g, dtype=torch.float64, device="cpu").norm(dim=-1, keepdim=True)
+        rows = rows * norms
+    else:
+        rows = gauss.reshape(-1, dim)[:nb_features]
+    return rows.to(device=device, dtype=torch.float32)
+
+
+def _project(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(x.device.type, enabled=False):  # exp() of a bf16 logit is off by up to 1/128 relative x |logit|
+        return x @ projection.to(x.dtype).T
+
+
+def favor_logits(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """log of the unnormalised positive softmax-kernel features: w . x^ - |x^|^2 / 2, (..., n, m)."""
+    x = x.to(_compute_dtype(x)) * x.shape[-1] ** -0.25
+    return _project(x, projection) - 0.5 * (x * x).sum(-1, keepdim=True)
+
+
+def favor_query_features(logits: torch.Tensor) -> torch.Tensor:
+    # each query's own max is subtracted: a per-query factor cancels between numerator and denominator
+    return _exp(logits - logits.amax(-1, keepdim=True)) * logits.shape[-1] ** -0.5
+
+
+def favor_key_offset(logits: torch.Tensor, key_padding_mask=None) -> torch.Tensor:
+    """The stabiliser for keys: one constant per (batch, head), the max over valid keys and features.
+    A constant shared by every key a query sees cancels in the ratio; a per-key one would not."""
+    if key_padding_mask is not None:
+        logits = logits.masked_fill(~key_padding_mask[:, None, :, None], float("-inf"))
+    off = logits.amax(dim=(-2, -1), keepdim=True)
+    return torch.nan_to_num(off, neginf=0.0)  # a batch row with no valid key
+
+
+def favor_key_features(logits: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    return _exp(logits - offset) * logits.shape[-1] ** -0.5
+
+
+def relu_features(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    x = x.to(_compute_dtype(x)) * x.shape[-1] ** -0.25
+    return F.relu(_project(x, projection)) + RELU_EPS
+
+
+def elu_features(x: torch.Tensor) -> torch.Tensor:
+    # elu(x) + 1 written as exp(x) below 0: exact where `expm1(x) + 1` rounds to 0, and floored (above)
+    x = x.to(_compute_dtype(x))
+    return torch.where(x > 0, x + 1.0, _exp(torch.minimum(x, torch.zeros((), dtype=x.dtype))))
+
+
+def mask_keys(phi_k: torch.Tensor, key_padding_mask=None) -> torch.Tensor:
+    """Padded keys contribute nothing: their features are zero (not merely small)."""
+    if key_padding_mask is None:
+        return phi_k
+    return phi_k * key_padding_mask[:, None, :, None].to(phi_k.dtype)
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    # a query that sees no valid key has a zero denominator: give it zeros, as the softmax reference does
+    return num / den.clamp_min(torch.finfo(den.dtype).tiny)[..., None]
+
+
+def linear_attention(phi_q, phi_k, v, *, causal: bool, chunk_size: int = 64, state=None):
+    """Linear attention from features. phi_q (b, h, n, m), phi_k (b, h, n, m) with padded keys already
+    zero, v (b, h, n, dv). `state` = (S (b, h, m, dv), z (b, h, m)) from earlier positions (causal only).
+    Returns (out (b, h, n, dv) in v's dtype, final state)."""
+    # under bf16 autocast the matmuls below would run in bf16 and the state sums would lose their precision
+    with torch.autocast(phi_q.device.type, enabled=False):
+        vf = v.to(phi_q.dtype)
+        if not causal:
+            if state is not None:
+                raise ValueError("a bidirectional linear attention has no running state to continue from")
+            s, z = phi_k.transpose(-1, -2) @ vf, phi_k.sum(-2)
+            return _ratio(phi_q @ s, (phi_q * z[..., None, :]).sum(-1)).to(v.dtype), (s, z)
+        return _causal_chunked(phi_q, phi_k, vf, chunk_size, state, v.dtype)
+
+
+def _causal_chunked(phi_q, phi_k, v, chunk: int, state, out_dtype):
+    b, h, n, m = phi_q.shape
+    dv = v.shape[-1]
+    chunk = max(1, min(chunk, n))
+    pad = (-n) % chunk
+    if pad:  # zero keys/queries at the end: zero keys add nothing, padded queries are dropped
+        phi_q, phi_k, v = (F.pad(t, (0, 0, 0, pad)) for t in (phi_q, phi_k, v))
+    nc = (n + pad) // chunk
+    qc, kc, vc = (t.reshape(b, h, nc, chunk, t.shape[-1]) for t in (phi_q, phi_k, v))
+    # within a chunk: the masked quadratic form (C x C, never n x n)
+    scores = (qc @ kc.transpose(-1, -2)).tril()
+    num = scores @ vc
+    den = scores.sum(-1)
+    # across chunks: each chunk's contribution to the state, then an exclusive prefix sum over chunks
+    s_chunk = kc.transpose(-1, -2) @ vc  # (b, h, nc, m, dv)
+    z_chunk = kc.sum(-2)  # (b, h, nc, m)
+    s_incl, z_incl = s_chunk.cumsum(2), z_chunk.cumsum(2)
+    s_prev, z_prev = s_incl - s_chunk, z_incl - z_chunk
+    s_final, z_final = s_incl[:, :, -1], z_incl[:, :, -1]
+    if state is not None:
+        s0, z0 = (t.to(phi_q.dtype) for t in state)
+        s_prev, z_prev = s_prev + s0[:, :, None], z_prev + z0[:, :, None]
+        s_final, z_final = s_final + s0, z_final + z0
+    num = num + qc @ s_prev
+    den = den + (qc * z_prev[..., None, :]).sum(-1)
+    out = _ratio(num, den).reshape(b, h, nc * chunk, dv)[:, :, :n]
+    return out.to(out_dtype), (s_final, z_final)
+
+
+def linear_attention_reference(phi_q, phi_k, v, *, causal: bool):
+    """The plain quadratic form: A = phi(Q) phi(K)^T, masked lower-triangular when causal, rows
+    normalised by their sums. Queries sit at the end of the key sequence (as with a cache)."""
+    with torch.autocast(phi_q.device.type, enabled=False):
+        return _reference(phi_q, phi_k, v, causal)
+
+
+def _reference(phi_q, phi_k, v, causal):
+    scores = phi_q @ phi_k.transpose(-1, -2)
+    if causal:
+        n_q, n_k = scores.shape[-2:]
+        scores = scores * torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).tril(n_k - n_q)
+    return _ratio(scores @ v.to(scores.dtype), scores.sum(-1)).to(v.dtype)

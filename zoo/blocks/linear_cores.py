@@ -1,0 +1,167 @@
+"""Linear-attention cores: `performer` (FAVOR+, Choromanski et al. 2021) and `linear` (elu + 1,
+Katharopoulos et al. 2020). Both serve encoders and decoders; a decoder's cache holds the running
+state (S = sum phi(k) v^T, z = sum phi(k)), whose size does not grow with the sequence.
+
+There is no attention matrix, so there is nothing for attention dropout to drop: model.attn_dropout
+must be 0 with these cores (an error says so rather than silently ignoring it).
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import linear_attention as la
+from zoo.blocks.cores import AttentionCore, register_core
+
+KERNELS = ("softmax", "relu")
+BACKENDS = ("auto", "reference")  # auto: the chunked scan; reference: the quadratic form (tests, debugging)
+
+
+def _expand_kv(q, k, v):
+    rep = q.shape[1] // k.shape[1]
+    if rep == 1:
+        return k, v
+    return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs: activation checkpointing re-runs the forward there, and
+    that re-run must see the features the original forward used (so it is not a call that counts)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class _LinearCore(AttentionCore):
+    supports_causal = True
+    supports_bidirectional = True
+    supports_kv_cache = True
+
+    def __init__(self, causal: bool, dropout: float = 0.0, backend: str = "auto", chunk_size: int = 64):
+        super().__init__(causal, dropout, "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"attention.backend={backend!r} for core {self.name!r}; valid choices: {', '.join(BACKENDS)}")
+        if dropout:
+            raise ValueError(f"attention.core={self.name!r} has no attention matrix to drop out: "
+                             f"set model.attn_dropout=0 (got {dropout})")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"attention.chunk_size must be a positive integer, got {chunk_size!r}")
+        self.backend, self.chunk_size = backend, chunk_size
+
+    # the feature map: (phi_q, phi_k with padded keys zeroed, key offset or None)
+    def features(self, q, k, key_padding_mask, offset=None):
+        raise NotImplementedError
+
+    def forward(self, q, k, v, key_padding_mask=None, cache=None, context=None):
+        k, v = _expand_kv(q, k, v)
+        if key_padding_mask is not None and key_padding_mask.shape[-1] != k.shape[2]:
+            key_padding_mask = key_padding_mask[:, -k.shape[2]:]  # a mask over the whole prefix: this step's part
+        if self.backend == "reference" and cache is None:
+            return self.reference(q, k, v, key_padding_mask)
+        if cache is None:
+            phi_q, phi_k, _ = self.features(q, k, key_padding_mask)
+            out, _ = la.linear_attention(phi_q, phi_k, v, causal=self.causal, chunk_size=self.chunk_size)
+            return out
+        if not self.causal:
+            raise ValueError(f"attention.core={self.name!r}: incremental decoding needs a causal model")
+        old = cache.get("offset")
+        phi_q, phi_k, offset = self.features(q, k, key_padding_mask, old)
+        state = cache.get("state")
+        if state is not None and offset is not None:
+            # the new keys raised the stabiliser: bring the stored sums to the same scale
+            scale = torch.exp(old - offset)
+            state = (state[0] * scale, state[1] * scale[..., 0])
+        out, cache["state"] = la.linear_attention(phi_q, phi_k, v, causal=True, chunk_size=self.chunk_size,
+                                                  state=state)
+        cache["offset"] = offset
+        return out
+
+    def reference(self, q, k, v, key_padding_mask=None, context=None):
+        k, v = _expand_kv(q, k, v)
+        phi_q, phi_k, _ = self.features(q, k, key_padding_mask)
+        return la.linear_attention_reference(phi_q, phi_k, v, causal=self.causal)
+
+
+@register_core
+class LinearCore(_LinearCore):
+    """The Linear Transformer: phi(x) = elu(x) + 1, no parameters, no randomness."""
+
+    name = "linear"
+
+    def features(self, q, k, key_padding_mask, offset=None):
+        return la.elu_features(q), la.mask_keys(la.elu_features(k), key_padding_mask), None
+
+
+@register_core
+class PerformerCore(_LinearCore):
+    """FAVOR+: positive (orthogonal) random features approximating the softmax kernel, or the
+    generalized ReLU kernel. The projection is a buffer (checkpointed with the model); it is redrawn
+    every `redraw_interval` training forward calls and never at eval.
+
+    Draws are seeded: draw i uses seed (base_seed, i), so every rank of a data-parallel run draws the
+    same features. base_seed is `seed` when given (then every layer uses the same features), else
+    drawn once per layer from torch's RNG at construction (reproducible under the run's seed)."""
+
+    name = "performer"
+
+    def __init__(self, causal: bool, dropout: float = 0.0, backend: str = "auto", chunk_size: int = 64,
+                 nb_features: int = 256, kernel: str = "softmax", redraw_interval: int | None = 1000,
+                 orthogonal: bool = True, seed: int | None = None):
+        super().__init__(causal, dropout, backend, chunk_size)
+        if kernel not in KERNELS:
+            raise ValueError(f"attention.kernel={kernel!r}; valid choices: {', '.join(KERNELS)}")
+        if not isinstance(nb_features, int) or nb_features < 1:
+            raise ValueError(f"attention.nb_features must be a positive integer, got {nb_features!r}")
+        if redraw_interval is not None and (not isinstance(redraw_interval, int) or redraw_interval < 0):
+            raise ValueError(f"attention.redraw_interval must be a non-negative integer or null, got {redraw_interval!r}")
+        self.nb_features, self.kernel, self.orthogonal = nb_features, kernel, bool(orthogonal)
+        self.redraw_interval = redraw_interval or 0
+        self.base_seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, (), device="cpu"))  # cpu: also under torch.device("meta")
+        self.calls, self.draws = 0, 0
+        self.register_buffer("projection", None)
+
+    def setup(self, cfg) -> None:
+        self._draw(cfg.head_dim)
+
+    def _draw(self, dim: int, device=None) -> None:
+        seed = (self.base_seed + self.draws * 0x9E3779B97F4A7C15) % 2**63
+        self.projection = la.random_projection(self.nb_features, dim, orthogonal=self.orthogonal, seed=seed,
+                                               device=device)
+
+    def redraw(self) -> None:
+        """New random features (the next draw of this layer's seeded sequence)."""
+        self.draws += 1
+        self._draw(self.projection.shape[1], self.projection.device)
+
+    def forward(self, q, k, v, key_padding_mask=None, cache=None, context=None):
+        if self.projection is None:  # built without setup(): the head size is known now
+            self._draw(q.shape[-1], q.device)
+        if self.training and self.redraw_interval and cache is None and not _in_backward():
+            if self.calls and self.calls % self.redraw_interval == 0:
+                self.redraw()
+            self.calls += 1
+        return super().forward(q, k, v, key_padding_mask, cache, context)
+
+    def reference(self, q, k, v, key_padding_mask=None, context=None):
+        if self.projection is None:
+            self._draw(q.shape[-1], q.device)
+        return super().reference(q, k, v, key_padding_mask, context)
+
+    def features(self, q, k, key_padding_mask, offset=None):
+        if self.kernel == "relu":
+            phi_k = la.relu_features(k, self.projection)
+            return la.relu_features(q, self.projection), la.mask_keys(phi_k, key_padding_mask), None
+        lq, lk = la.favor_logits(q, self.projection), la.favor_logits(k, self.projection)
+        new = la.favor_key_offset(lk, key_padding_mask)
+        if offset is not None:
+            new = torch.maximum(new, offset)
+        phi_k = la.mask_keys(la.favor_key_features(lk, new), key_padding_mask)
+        return la.favor_query_features(lq), phi_k, new
+
+    # the redraw schedule travels with the checkpoint, so a resumed run redraws when the original would have
+    def get_extra_state(self):
+        return {"base_seed": self.base_seed, "calls": self.calls, "draws": self.draws}
+
+    def set_extra_state(self, state):
+        self.base_seed, self.calls, self.draws = int(state["base_seed"]), int(state["calls"]), int(state["draws"])
+
+    def extra_repr(self) -> str:
+        return (f"causal={self.causal}, kernel={self.kernel}, nb_features={self.nb_features}, "
+                f"orthogonal={self.orthogonal}, redraw_interval={self.redraw_interval}")
