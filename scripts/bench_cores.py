@@ -6,7 +6,7 @@
 Rows, for each length:
 - `sdpa full` / `sdpa causal`: dense exact attention, torch SDPA with the fastest backend that runs
   (cuDNN, then flash, then efficient, then math; the one used is in the table);
-- each sparse core of `cores=` through its own forward (impl=auto: flex_attention on CUDA, the blocked
+- each core of `cores=` (sparse and linear) through its own forward (impl=auto: flex_attention on CUDA, the blocked
   kernel elsewhere);
 - on CUDA, `flex <core>`: torch's flex_attention called directly with the core's mask (the core's whole
   pattern as one mask_mod, block mask built once outside the timed step), the yardstick the issue names.
@@ -38,10 +38,13 @@ CORES = {  # name -> (core, causal, options): the settings of the issue's H200 t
     "longformer": ("longformer", False, {"window": 512}),
     "bigbird": ("bigbird", False, {"block_size": 64, "num_random_blocks": 3, "num_global_blocks": 1}),
     "sparse_strided": ("sparse_strided", True, {"stride": 128}),
+    "performer": ("performer", True, {"nb_features": 256}),  # causal FAVOR+, chunked prefix sums
+    "linear": ("linear", True, {}),
 }
+FLEX_MASKS = ("sliding_window", "longformer", "bigbird", "sparse_strided")  # cores with a mask to hand to flex
 DEFAULTS = {"seq_lens": "256,512,1024,2048", "batch": 1, "heads": 4, "head_dim": 64,
             "device": "cuda" if torch.cuda.is_available() else "cpu", "dtype": "fp32", "repeats": 5, "warmup": 2,
-            "cores": ",".join(CORES), "out": "outputs/bench/cores", "globals": 16}
+            "cores": ",".join(FLEX_MASKS), "out": "outputs/bench/cores", "globals": 16}
 SDPA_ORDER = ["CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]
 
 
@@ -110,9 +113,9 @@ def core_fn(name: str, o, n: int, device: str):
     core_name, causal, opts = CORES[name]
     core = build_core(core_name, causal=causal, **opts).to(device)
     ctx = None
+    core.setup(_Cfg(o["heads"], o["head_dim"]))
+    core.to(device)
     if core_name == "longformer":
-        core.setup(_Cfg(o["heads"], o["head_dim"]))
-        core.to(device)
         gm = torch.zeros(o["batch"], n, dtype=torch.bool, device=device)
         gm[:, :: max(n // o["globals"], 1)] = True  # `globals` evenly spaced global tokens
         hidden = torch.randn(o["batch"], n, o["heads"] * o["head_dim"], device=device)
@@ -163,7 +166,7 @@ def main(argv: list[str]) -> list[dict]:
             plan.append((f"sdpa {'causal' if causal else 'full'} ({backend})", lambda fn=fn: fn))
         for name in names:
             plan.append((name, lambda name=name: core_fn(name, o, n, dev)[0]))
-            if dev == "cuda":
+            if dev == "cuda" and name in FLEX_MASKS:
                 def flex_plan(name=name):
                     _, core, ctx = core_fn(name, o, n, dev)
                     return flex_same_mask(name, core, ctx, n, dev, o["heads"])

@@ -131,3 +131,18 @@ def test_compare_corrupt_file_is_named(tmp_path):
     (tmp_path / "0_a" / "metrics.json").write_text("{not json")
     with pytest.raises(ValueError, match="0_a/metrics.json is not valid JSON"):
         compare.main([str(tmp_path)])
+
+
+def test_bench_cores_times_every_core_against_sdpa(tmp_path):
+    cores = _load("bench_cores")
+    out = tmp_path / "cores"
+    rows = cores.main(["seq_lens=64,96", "heads=2", "head_dim=8", "repeats=1", "warmup=0", "device=cpu",
+                       "cores=sliding_window,longformer,bigbird,sparse_strided,performer,linear", f"out={out}"])
+    labels = {r["impl"] for r in rows}
+    assert {"sliding_window", "longformer", "bigbird", "sparse_strided", "performer", "linear"} <= labels
+    assert any(label.startswith("sdpa causal") for label in labels)
+    assert all(r["ms fwd+bwd"] > 0 and r["peak MiB"] > 0 for r in rows)
+    assert (out.with_suffix(".md")).read_text().count("\n| ") == len(rows) + 1
+    assert out.with_suffix(".png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="valid choices"):
+        cores.main(["cores=nope", f"out={out}"])
