@@ -35,19 +35,22 @@ def default_n_buckets(n: int, chunk_length: int) -> int:
     return max(2, 2 ** ((2 * (n // chunk_length)).bit_length() - 1))
 
 
-def random_rotations(n_heads: int, head_dim: int, n_hashes: int, n_buckets: int, seed: int) -> torch.Tensor:
-    """(heads, head_dim, n_hashes, n_buckets // 2), float32 on CPU. A private generator makes the hashing
-    reproducible without touching the global RNG; its draws equal HF's `torch.manual_seed(hash_seed);
-    torch.randn(...)` on CPU, which is what weight conversion relies on."""
+def random_rotations(n_heads: int, head_dim: int, n_hashes: int, n_buckets: int, seed: int,
+                     dtype=torch.float32) -> torch.Tensor:
+    """(heads, head_dim, n_hashes, n_buckets // 2) on CPU. A private generator makes the hashing reproducible
+    without touching the global RNG; its draws equal HF's `torch.manual_seed(hash_seed); torch.randn(...,
+    dtype=the activations' dtype)` on CPU, which is what weight conversion relies on (float64 draws are not
+    float32 draws widened, hence `dtype`)."""
     if n_buckets < 2 or n_buckets % 2:
         raise ValueError(f"attention.n_buckets={n_buckets} must be an even integer >= 2 (angular LSH uses +-rotations)")
     g = torch.Generator().manual_seed(seed)
-    return torch.randn((n_heads, head_dim, n_hashes, n_buckets // 2), generator=g)
+    return torch.randn((n_heads, head_dim, n_hashes, n_buckets // 2), generator=g, dtype=dtype)
 
 
 def hash_buckets(qk: torch.Tensor, rotations: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """Bucket of every token in every round: (B, H, n_hashes, N) long, in [0, n_buckets]; n_buckets = padding."""
-    rotated = torch.einsum("bhnd,hdrk->bhrnk", qk.detach(), rotations.to(qk.device, qk.dtype))
+    acc = torch.promote_types(qk.dtype, torch.float32)  # bf16/fp16 would flip near-tie argmaxes
+    rotated = torch.einsum("bhnd,hdrk->bhrnk", qk.detach().to(acc), rotations.to(qk.device, acc))
     buckets = torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
     if valid is not None:
         buckets = buckets.masked_fill(~valid[:, None, None, :], 2 * rotations.shape[-1])

@@ -105,13 +105,15 @@ def from_hf_reformer(config, state_dict: dict) -> ZooModel:
     cfg = ModelConfig.from_dict(_config(c))
     model = ZooModel(cfg)
     state = dict(state_dict)
-    if "lm_head.bias" not in state and "lm_head.decoder.bias" in state:
-        state["lm_head.bias"] = state["lm_head.decoder.bias"]  # tied inside HF's head; a file may keep one
+    # HF's decoder adds `lm_head.decoder.bias`; `lm_head.bias` is its tied twin in older files (and the only one
+    # some keep), a separate, unused parameter in transformers 5
+    if "lm_head.decoder.bias" in state:
+        state["lm_head.bias"] = state.pop("lm_head.decoder.bias")
     rows = _table(cfg)
     missing = sorted({h for _, hs in rows for h in hs if h not in state})
     if missing:
         raise CheckpointError(f"reformer weights are missing {len(missing)} tensor(s) its config needs: {missing[:8]}")
-    used = {h for _, hs in rows for h in hs} | {"lm_head.decoder.bias"}
+    used = {h for _, hs in rows for h in hs}
     unexpected = sorted(k for k in state if k not in used)
     if unexpected:
         raise CheckpointError(f"reformer weights hold tensor(s) with no place in the zoo model: {unexpected[:8]}")

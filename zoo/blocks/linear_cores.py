@@ -37,7 +37,8 @@ class _LinearCore(AttentionCore):
     def __init__(self, causal: bool, dropout: float = 0.0, backend: str = "auto", chunk_size: int = 64):
         super().__init__(causal, dropout, "auto")
         if backend not in BACKENDS:
-            raise ValueError(f"attention.backend={backend!r} for core {self.name!r}; valid choices: {', '.join(BACKENDS)}")
+            raise ValueError(f"attention.backend={backend!r} for core {self.name!r}; "
+                             f"valid choices: {', '.join(BACKENDS)}")
         if dropout:
             raise ValueError(f"attention.core={self.name!r} has no attention matrix to drop out: "
                              f"set model.attn_dropout=0 (got {dropout})")
@@ -110,10 +111,12 @@ class PerformerCore(_LinearCore):
         if not isinstance(nb_features, int) or nb_features < 1:
             raise ValueError(f"attention.nb_features must be a positive integer, got {nb_features!r}")
         if redraw_interval is not None and (not isinstance(redraw_interval, int) or redraw_interval < 0):
-            raise ValueError(f"attention.redraw_interval must be a non-negative integer or null, got {redraw_interval!r}")
+            raise ValueError(f"attention.redraw_interval must be a non-negative integer or null, "
+                             f"got {redraw_interval!r}")
         self.nb_features, self.kernel, self.orthogonal = nb_features, kernel, bool(orthogonal)
         self.redraw_interval = redraw_interval or 0
-        self.base_seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, (), device="cpu"))  # cpu: also under torch.device("meta")
+        # drawn on the CPU: also when the model is built under torch.device("meta") (scripts/bench.py)
+        self.base_seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, (), device="cpu"))
         self.calls, self.draws = 0, 0
         self.register_buffer("projection", None)
 

@@ -56,13 +56,15 @@ class LSHCore(AttentionCore):
     def rotation_seed(self) -> int:
         return self.seed * 1_000_003 + self.layer_idx * 10_007 if self.seed_per_layer else self.seed
 
-    def rotations(self, n: int, n_heads: int, head_dim: int, device, n_hashes: int | None = None) -> torch.Tensor:
+    def rotations(self, n: int, n_heads: int, head_dim: int, device, n_hashes: int | None = None,
+                  dtype=torch.float32) -> torch.Tensor:
         n_buckets = self.n_buckets or default_n_buckets(-(-n // self.chunk_length) * self.chunk_length,
                                                         self.chunk_length)
         n_hashes = n_hashes or self.n_hashes
-        key = (n_buckets, n_hashes, n_heads, head_dim, str(device))
+        draw = torch.float64 if dtype == torch.float64 else torch.float32  # half precision hashes in float32
+        key = (n_buckets, n_hashes, n_heads, head_dim, str(device), draw)
         if key not in self._rotations:
-            rot = random_rotations(n_heads, head_dim, n_hashes, n_buckets, self.rotation_seed())
+            rot = random_rotations(n_heads, head_dim, n_hashes, n_buckets, self.rotation_seed(), draw)
             self._rotations[key] = rot.to(device)
         return self._rotations[key]
 
@@ -70,7 +72,7 @@ class LSHCore(AttentionCore):
         return self.eval_n_hashes if (self.eval_n_hashes and not self.training) else self.n_hashes
 
     def _run(self, q, v, key_padding_mask, impl):
-        rot = self.rotations(q.shape[2], q.shape[1], q.shape[3], q.device, self._hashes())
+        rot = self.rotations(q.shape[2], q.shape[1], q.shape[3], q.device, self._hashes(), q.dtype)
         if impl == "reference":
             return lsh_attention_reference(q, v, rot, self.chunk_length, self.causal, key_padding_mask)
         return lsh_attention(q, v, rot, self.chunk_length, self.causal, key_padding_mask,
