@@ -9,6 +9,11 @@
 
 Each run writes outputs/runs/<time>_<name>/: checkpoints/{last,best-*}.ckpt, metrics.json, the
 resolved config (.hydra/), and the logger's files.
+
+Data-parallel runs (trainer=ddp) launch one process per device by re-running this script. Hydra would
+give each of them a run directory of its own (and, under -m, a sweep of its own); instead rank zero writes
+its resolved config into its run directory and names it in ZOO_DDP_CONFIG, and the other ranks train from
+that config without Hydra: one directory, one config, one logger run per run, also inside a sweep.
 """
 from __future__ import annotations
 
@@ -112,6 +117,18 @@ def print_sample(net, dm, cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig) -> dict:
+    env = dict(os.environ)
+    try:
+        return _train(cfg)
+    finally:
+        # Lightning's DDP launcher leaves LOCAL_RANK, WORLD_SIZE, MASTER_PORT... in this process's environment;
+        # the next job of a sweep would read them as "processes are launched externally" and wait forever
+        for k in set(os.environ) - set(env):
+            del os.environ[k]
+        os.environ.update(env)
+
+
+def _train(cfg: DictConfig) -> dict:
     # the model/core pair and the sizes are checked before any data is read or anything written
     model_config({**OmegaConf.to_container(cfg.model, resolve=True), "vocab_size": cfg.model.vocab_size or 1})
     check_sizes(cfg)
@@ -140,8 +157,11 @@ def train(cfg: DictConfig) -> dict:
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     n_params = task.net.num_params()
-    print(f"[zoo] {cfg.model.name}: {n_params / 1e6:.2f}M parameters, core={cfg.model.attention.core}, "
-          f"output: {out_dir}")
+    if trainer.is_global_zero:
+        print(f"[zoo] {cfg.model.name}: {n_params / 1e6:.2f}M parameters, core={cfg.model.attention.core}, "
+              f"output: {out_dir}")
+    if trainer.world_size > 1 and trainer.is_global_zero:
+        share_config_with_ranks(cfg, out_dir)
 
     try:
         trainer.fit(task, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
@@ -167,7 +187,29 @@ def train(cfg: DictConfig) -> dict:
         import wandb
 
         wandb.finish()  # one wandb run per job, also inside a multirun sweep
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # the next job of a sweep starts its own group
     return metrics
+
+
+DDP_CONFIG_ENV = "ZOO_DDP_CONFIG"
+
+
+def share_config_with_ranks(cfg: DictConfig, out_dir: Path) -> None:
+    """Rank zero, before the other ranks are launched: the resolved config they will train from."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved.pop("hydra", None)
+    path = out_dir / ".zoo_ddp_config.yaml"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(resolved), path)
+    os.environ[DDP_CONFIG_ENV] = str(path)  # the launched ranks inherit the environment
+
+
+def ddp_rank_config() -> DictConfig | None:
+    """In a rank that Lightning launched (LOCAL_RANK > 0 or NODE_RANK > 0) of a run that shared its config."""
+    path = os.environ.get(DDP_CONFIG_ENV)
+    launched = int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
+    return OmegaConf.load(path) if path and launched else None
 
 
 def _overrides():
@@ -190,4 +232,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    rank_cfg = ddp_rank_config()
+    if rank_cfg is not None:
+        train(rank_cfg)  # a launched rank: rank zero's resolved config, no Hydra, no directory of its own
+    else:
+        main()

@@ -1,5 +1,6 @@
 """A resumable, rank-aware batch order: a pure function of (seed, epoch, rank), with its position
-saved in Lightning checkpoints so an interrupted run resumes on the exact next batch."""
+saved in Lightning checkpoints so an interrupted run resumes on the exact next batch. Ranks split each
+global batch between them, so a data-parallel run trains on the batches of a single-process run."""
 from __future__ import annotations
 
 import torch
@@ -37,7 +38,10 @@ class ResumableBatchSampler:
             order = torch.randperm(self.n_items, generator=g)
         else:
             order = torch.arange(self.n_items)
-        order = order[self.rank :: self.world][: len(self) * self.batch_size].tolist()
+        # global batch b is order[b * G : (b + 1) * G] with G = batch_size * world, and rank r trains on its r-th
+        # slice: N ranks with batch_size B see exactly the batches of one process with batch_size N * B
+        g = self.batch_size * self.world
+        order = order[: len(self) * g].view(len(self), self.world, self.batch_size)[:, self.rank].reshape(-1).tolist()
         start = 0
         if self._resume is not None and self._resume[0] == self.epoch:
             start = self._resume[1]

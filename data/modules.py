@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,8 +28,15 @@ def _encode(tok, texts: list[str]) -> list[np.ndarray]:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
+    # a temporary name of this process's own: ranks that build the same cache never write one file together
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npy")
     np.save(tmp, array)
+    tmp.replace(path)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
     tmp.replace(path)
 
 
@@ -67,6 +75,10 @@ class _CorpusDataModule(pl.LightningDataModule):
     def vocab_size(self) -> int:
         return pad_vocab(self.load_tokenizer().n_tokens)
 
+    def prepare_data(self):
+        # Lightning runs this in one process per node before setup() in every rank: one process tokenizes
+        self.token_streams()
+
     def token_streams(self) -> tuple[np.ndarray, np.ndarray, float]:
         """Train and val token streams (documents joined by <eos>) and val bytes per token."""
         docs = load_corpus(self.source)
@@ -84,7 +96,7 @@ class _CorpusDataModule(pl.LightningDataModule):
                 _save_atomic(path, np.concatenate(parts))
             val_bytes = sum(len(d.text.encode("utf-8")) for d in splits[1])
             val_tokens = int(np.load(paths[1], mmap_mode="r").shape[0])
-            meta.write_text(json.dumps({"val_bytes_per_token": val_bytes / val_tokens}))
+            _write_text_atomic(meta, json.dumps({"val_bytes_per_token": val_bytes / val_tokens}))
         train, val = (np.load(p, mmap_mode="r") for p in paths)
         return train, val, json.loads(meta.read_text())["val_bytes_per_token"]
 
@@ -112,9 +124,10 @@ class _CorpusDataModule(pl.LightningDataModule):
         return loader
 
     def _cap_val(self) -> None:
-        """Keep the first max_val_batches batches of validation (every run validates on the same ones)."""
+        """Keep the first max_val_batches global batches of validation (every run validates on the same ones,
+        whatever its number of processes)."""
         if self.max_val_batches:
-            n = min(len(self.val_set), self.max_val_batches * self.batch_size)
+            n = min(len(self.val_set), self.max_val_batches * self.batch_size * self._rank_world()[1])
             self.val_set.truncate(n)
 
     def on_before_batch_transfer(self, batch, dataloader_idx):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 TOKENIZERS = ("byte", "bpe")
@@ -62,7 +63,7 @@ class BPETokenizer:
         )
         tok.train_from_iterator(texts, trainer=trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # this process's own: ranks may train it side by side
         tok.save(str(tmp))
         tmp.replace(path)  # atomic: a killed run never leaves half a tokenizer behind
         return cls(tok)

@@ -12,6 +12,7 @@ from zoo.blocks.norms import NORMS
 from zoo.blocks.positions import POSITIONS
 
 ARCHS = ("decoder", "encoder")
+RECURRENCES = ("none", "xl")  # xl: Transformer-XL segment recurrence (zoo.models.transformer_xl)
 
 
 @dataclass
@@ -57,6 +58,10 @@ class ModelConfig:
     ffn_chunks: int = 1  # the FFN runs on this many slices of the sequence in turn (caps its activation)
     axial_shape: list | None = None  # [s0, s1]: axial position embeddings for s0 * s1 positions
     axial_dims: list | None = None  # [d0, d1], d0 + d1 = d_model
+    # Transformer-XL (zoo.models.transformer_xl): a per-layer memory of earlier segments, relative positions
+    recurrence: str = "none"  # none, or xl
+    mem_len: int = 0  # memory positions per layer in training (0 = each segment alone)
+    eval_mem_len: int | None = None  # memory in validation; None = mem_len (generation: at least max_seq_len)
 
     @property
     def causal(self) -> bool:
@@ -120,6 +125,7 @@ class ModelConfig:
         if self.ffn == "moe":
             self._validate_moe()
         self._validate_reformer()
+        self._validate_recurrence()
         for p in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, p) < 1.0:
                 raise ValueError(f"model.{p} must be in [0, 1), got {getattr(self, p)}")
@@ -148,6 +154,10 @@ class ModelConfig:
             if self.norm_position != "pre":
                 raise ValueError("model.reversible=true needs model.norm_position=pre (each sub-layer normalises "
                                  "its input; a post-norm residual cannot be inverted)")
+            if self.ffn == "moe":
+                raise ValueError("model.reversible=true does not take model.ffn=moe: the router's auxiliary loss is "
+                                 "computed in a forward pass without autograd and would get no gradient; "
+                                 "valid choices: mlp, swiglu")
             if self.tie_embeddings:
                 raise ValueError("model.reversible=true needs model.tie_embeddings=false: the LM head reads both "
                                  f"streams (2 * d_model = {2 * self.d_model} wide), not the embedding width")
@@ -166,3 +176,28 @@ class ModelConfig:
             if self.position != "learned":
                 raise ValueError(f"model.axial_shape replaces the learned position table; it needs "
                                  f"model.position=learned, got {self.position!r}")
+
+    def _validate_recurrence(self) -> None:
+        if self.recurrence not in RECURRENCES:
+            raise ValueError(f"model.recurrence={self.recurrence!r}; valid choices: {', '.join(RECURRENCES)}")
+        if self.eval_mem_len is None:
+            self.eval_mem_len = self.mem_len
+        for fld in ("mem_len", "eval_mem_len"):
+            if not isinstance(getattr(self, fld), int) or getattr(self, fld) < 0:
+                raise ValueError(f"model.{fld} must be an integer >= 0, got {getattr(self, fld)!r}")
+        if self.recurrence != "xl":
+            return
+        # the XL trunk has its own attention: these fields pick parts of the generic one it does not use
+        needs = {"arch": "decoder", "position": "none", "reversible": False, "shared_qk": False}
+        for fld, want in needs.items():
+            if getattr(self, fld) != want:
+                raise ValueError(f"model.recurrence=xl needs model.{fld}={want!r} (relative positions live in "
+                                 f"its attention), got {getattr(self, fld)!r}")
+        if self.n_kv_heads != self.n_heads:
+            raise ValueError(f"model.recurrence=xl needs model.n_kv_heads == model.n_heads={self.n_heads}, "
+                             f"got {self.n_kv_heads}")
+        if self.attention["core"] != "causal":
+            raise ValueError(f"model.recurrence=xl computes its own relative attention over [memory; segment]; "
+                             f"attention.core={self.attention['core']!r}, valid choices: causal")
+        if self.d_model % 2:
+            raise ValueError(f"model.recurrence=xl needs an even model.d_model (sinusoid pairs), got {self.d_model}")

@@ -16,6 +16,7 @@ from zoo.blocks.norms import build_norm
 from zoo.blocks.positions import build_absolute_positions
 from zoo.models.config import ModelConfig
 from zoo.models.reformer import AxialPositions, reversible_stack
+from zoo.models.transformer_xl import TransformerXL
 
 
 class Transformer(nn.Module):
@@ -102,7 +103,7 @@ class ZooModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.trunk = Transformer(cfg)
+        self.trunk = TransformerXL(cfg) if cfg.recurrence == "xl" else Transformer(cfg)
         self.mlm_head = MLMHead(cfg) if cfg.arch == "encoder" else None
         # BERT's and the Reformer's LM heads have a bias; GPT-2's has none
         width = cfg.d_model if self.mlm_head is not None else cfg.hidden_width  # the MLM transform narrows it
@@ -148,6 +149,8 @@ class ZooModel(nn.Module):
 
     def new_cache(self) -> list[dict]:
         """An empty KV cache, one dict per layer, for incremental decoding."""
+        if self.cfg.recurrence == "xl":  # the XL memory, at least as long as the window a recompute would see
+            return self.trunk.new_memory(max(self.cfg.eval_mem_len, self.cfg.max_seq_len))
         if self.cfg.arch != "decoder" or self.cfg.reversible or not self.trunk.blocks[0].attn.core.supports_kv_cache:
             raise ValueError(f"attention.core={self.cfg.attention['core']!r} in a {self.cfg.arch} has no KV cache")
         return [{} for _ in self.trunk.blocks]
@@ -206,7 +209,8 @@ class ZooModel(nn.Module):
         if self.cfg.arch != "decoder":
             raise ValueError("generate() needs a decoder (model.arch=decoder)")
         # cores without a cache (lsh) and the reversible stack recompute the context at each step
-        has_cache = self.trunk.blocks[0].attn.core.supports_kv_cache and not self.cfg.reversible
+        has_cache = self.cfg.recurrence == "xl" or (self.trunk.blocks[0].attn.core.supports_kv_cache
+                                                    and not self.cfg.reversible)
         cache = self.new_cache() if use_cache and has_cache else None
         for m in self.moe_layers():  # no routing statistics: nothing reads them while decoding
             m.track_stats, m.stats = False, None
@@ -224,7 +228,8 @@ class ZooModel(nn.Module):
                 ctx = out[:, -self.cfg.max_seq_len:]
                 logits = self.logits(self.hidden_states(ctx)[:, -1])  # the head on the last position only
             else:
-                if start + step_input.shape[1] > self.cfg.max_seq_len:
+                # (an XL memory never fills: it slides, keeping its last positions)
+                if self.cfg.recurrence != "xl" and start + step_input.shape[1] > self.cfg.max_seq_len:
                     # the cache is full: fall back to recomputing the last window
                     cache = self.new_cache()
                     step_input, start = out[:, -self.cfg.max_seq_len + 1:], 0
