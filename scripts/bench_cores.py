@@ -88,12 +88,12 @@ def fwd_bwd(fn, qkv):
     return step
 
 
-def sdpa_fn(causal: bool, device: str):
-    """The fastest SDPA backend that accepts the call, and its name."""
+def sdpa_fn(causal: bool, device: str, dtype: torch.dtype | None = None):
+    """The fastest SDPA backend that accepts the call (in `dtype`: cuDNN and flash take no float32), and its name."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     order = SDPA_ORDER if device == "cuda" else ["FLASH_ATTENTION", "MATH"]
-    probe = [torch.randn(1, 2, 128, 64, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-             for _ in range(3)]
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+    probe = [torch.randn(1, 2, 128, 64, device=device, dtype=dtype) for _ in range(3)]
     for name in order:
         backend = getattr(SDPBackend, name)
         try:
@@ -162,7 +162,7 @@ def main(argv: list[str]) -> list[dict]:
     for n in lens:
         plan = []
         for causal in (False, True):
-            fn, backend = sdpa_fn(causal, dev)
+            fn, backend = sdpa_fn(causal, dev, dtype)
             plan.append((f"sdpa {'causal' if causal else 'full'} ({backend})", lambda fn=fn: fn))
         for name in names:
             plan.append((name, lambda name=name: core_fn(name, o, n, dev)[0]))
