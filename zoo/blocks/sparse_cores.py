@@ -45,6 +45,18 @@ class _SparseCore(AttentionCore):
     def _dropout(self) -> float:
         return self.dropout if self.training else 0.0
 
+    def _fast(self, q, k, v, key_padding_mask=None, impl=None, context=None):
+        """The pattern's attention through `impl` (None = the core's own choice)."""
+        raise NotImplementedError
+
+    def forward(self, q, k, v, key_padding_mask=None, cache=None, context=None):
+        if cache is not None:  # only cores with supports_kv_cache are ever handed one
+            return self._decode(q, k, v, cache, self._fast)
+        return self._fast(q, k, v, key_padding_mask, context=context)
+
+    def reference(self, q, k, v, key_padding_mask=None, context=None):
+        return self._fast(q, k, v, key_padding_mask, impl="reference", context=context)
+
     # decoding: the first call runs the fast path over the prompt; later steps attend from the few new
     # queries to the cached keys through the same predicate, on absolute positions
     def allowed(self):
@@ -93,17 +105,9 @@ class SlidingWindowCore(_SparseCore):
     def cache_size(self) -> int:
         return (self.window - 1) * self.dilation  # the rolling buffer: older keys are never seen again
 
-    def _fast(self, q, k, v, key_padding_mask=None, impl=None):
+    def _fast(self, q, k, v, key_padding_mask=None, impl=None, context=None):
         return sliding_window_attention(q, k, v, self.window, self.causal, self.dilation, key_padding_mask,
                                         dropout_p=self._dropout(), impl=impl or self.impl)
-
-    def forward(self, q, k, v, key_padding_mask=None, cache=None, context=None):
-        if cache is not None:
-            return self._decode(q, k, v, cache, self._fast)
-        return self._fast(q, k, v, key_padding_mask)
-
-    def reference(self, q, k, v, key_padding_mask=None, context=None):
-        return self._fast(q, k, v, key_padding_mask, impl="reference")
 
 
 @register_core
@@ -150,7 +154,7 @@ class LongformerCore(_SparseCore):
         qkv = self.global_qkv(hidden).view(b, n, 3, self.n_heads, self.head_dim)
         return tuple(t.transpose(1, 2) for t in qkv.unbind(2))
 
-    def _run(self, q, k, v, key_padding_mask, context, impl):
+    def _fast(self, q, k, v, key_padding_mask=None, impl=None, context=None):
         gm = self._global_mask(context, q)
         g = None
         if gm is not None and bool(gm.any()):
@@ -161,13 +165,7 @@ class LongformerCore(_SparseCore):
             else:
                 g = self._global_qkv(context)
         return longformer_attention(q, k, v, self.window, gm, g, key_padding_mask, dropout_p=self._dropout(),
-                                    impl=impl)
-
-    def forward(self, q, k, v, key_padding_mask=None, cache=None, context=None):
-        return self._run(q, k, v, key_padding_mask, context, self.impl)
-
-    def reference(self, q, k, v, key_padding_mask=None, context=None):
-        return self._run(q, k, v, key_padding_mask, context, "reference")
+                                    impl=impl or self.impl)
 
 
 @register_core
@@ -203,20 +201,14 @@ class BigBirdCore(_SparseCore):
                                                    self.random_blocks.get(nb))
         return self._tables[nb]
 
-    def _run(self, q, k, v, key_padding_mask, impl):
+    def _fast(self, q, k, v, key_padding_mask=None, impl=None, context=None):
         nb = -(-q.shape[2] // self.block_size)
         table = self.table(nb, q.shape[1])
         if table.device != q.device:  # kept on the compute device, so that flex's block mask is built once
             table = self._tables[nb] = table.to(q.device)
         key = ("bigbird", self.uid, nb, q.shape[1])
         return bigbird_attention(q, k, v, self.block_size, table, self.num_global_blocks, key_padding_mask,
-                                 dropout_p=self._dropout(), impl=impl, cache_key=key)
-
-    def forward(self, q, k, v, key_padding_mask=None, cache=None, context=None):
-        return self._run(q, k, v, key_padding_mask, self.impl)
-
-    def reference(self, q, k, v, key_padding_mask=None, context=None):
-        return self._run(q, k, v, key_padding_mask, "reference")
+                                 dropout_p=self._dropout(), impl=impl or self.impl, cache_key=key)
 
 
 @register_core
@@ -244,14 +236,6 @@ class SparseStridedCore(_SparseCore):
     def allowed(self):
         return strided_predicate(self.stride, self.pattern, self.summary)
 
-    def _fast(self, q, k, v, key_padding_mask=None, impl=None):
+    def _fast(self, q, k, v, key_padding_mask=None, impl=None, context=None):
         return sparse_strided_attention(q, k, v, self.stride, self.pattern, self.summary, key_padding_mask,
                                         dropout_p=self._dropout(), impl=impl or self.impl)
-
-    def forward(self, q, k, v, key_padding_mask=None, cache=None, context=None):
-        if cache is not None:
-            return self._decode(q, k, v, cache, self._fast)
-        return self._fast(q, k, v, key_padding_mask)
-
-    def reference(self, q, k, v, key_padding_mask=None, context=None):
-        return self._fast(q, k, v, key_padding_mask, impl="reference")
