@@ -12,16 +12,6 @@ from zoo.blocks.cores import build_core
 F64 = dict(dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many small ops: on a busy 2-core machine a second intra-op thread makes each op wait on a descheduled
-    partner (50x slower steps were measured); restored afterwards for the other tests."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def qkv(b=2, h=3, n=50, d=16, hk=None, **kw):
     g = torch.Generator().manual_seed(n * 7 + d)
     return (torch.randn(b, h, n, d, generator=g, **kw), torch.randn(b, hk or h, n, d, generator=g, **kw),

@@ -16,16 +16,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import train as train_script  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many small ops: on a busy 2-core machine a second intra-op thread makes each op wait on a descheduled
-    partner (50x slower steps were measured); restored afterwards for the other tests."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_generator_is_deterministic_and_seeded():
     a = generate_mqar(20, vocab_size=64, seq_len=48, num_kv_pairs=6, seed=3)
     b = generate_mqar(20, vocab_size=64, seq_len=48, num_kv_pairs=6, seed=3)
