@@ -3,6 +3,7 @@ saved in Lightning checkpoints so an interrupted run resumes on the exact next b
 global batch between them, so a data-parallel run trains on the batches of a single-process run."""
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
@@ -66,3 +67,43 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict) -> None:
         self.batch_sampler.load_state_dict(state)
+
+
+def collate(items):
+    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+
+
+class ResumableDataModule(pl.LightningDataModule):
+    """The loader plumbing every zoo data module shares: rank-aware resumable batches, each loader with a
+    generator of its own, and the trained-on position recorded for checkpoints. Subclasses set
+    `batch_size`, `seed`, `num_workers`, and build `train_set` / `val_set` in setup()."""
+
+    _train_sampler: ResumableBatchSampler | None = None
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _loader(self, dataset, shuffle: bool):
+        rank, world = self._rank_world()
+        sampler = ResumableBatchSampler(len(dataset), self.batch_size, shuffle, self.seed, rank, world)
+        # a generator of its own: a DataLoader draws its workers' base seed at every iter() from the generator it
+        # has, else from the global RNG, which would shift the dropout of a resumed run (its iterators start later)
+        loader = ResumableLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                                 collate_fn=collate, persistent_workers=self.num_workers > 0,
+                                 generator=torch.Generator().manual_seed(self.seed))
+        return loader, sampler
+
+    def train_dataloader(self):
+        loader, self._train_sampler = self._loader(self.train_set, shuffle=True)
+        return loader
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, shuffle=False)[0]
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        # the position saved in a checkpoint is that of the last batch trained on, not the last one fetched
+        pos = batch.pop("batch_number")
+        if self.trainer is not None and self.trainer.training and self._train_sampler is not None:
+            self._train_sampler.consumed = int(pos[0]) + 1
+        return batch

@@ -35,12 +35,11 @@ import shutil
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data.loading import ResumableBatchSampler, ResumableLoader
+from data.loading import ResumableDataModule
 from data.tokenizers import ByteTokenizer, pad_vocab
 
 TASKS = ("listops", "pathfinder")
@@ -286,11 +285,7 @@ class _LRASet(Dataset):
         return {"input_ids": ids, "attention_mask": mask, "labels": int(self.labels[i]), "batch_number": b}
 
 
-def _collate(items):
-    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
-
-
-class LRADataModule(pl.LightningDataModule):
+class LRADataModule(ResumableDataModule):
     """LRA ListOps or Pathfinder-32 for sequence classification: <cls> first (the head pools position 0).
 
     ListOps ids: 0 <pad>, 1 <cls>, then ']', the operators and the digits (16 tokens). Pathfinder ids:
@@ -330,7 +325,6 @@ class LRADataModule(pl.LightningDataModule):
         self.num_classes = 10 if task == "listops" else 2
         if num_classes is not None and num_classes != self.num_classes:
             raise ValueError(f"data.num_classes={num_classes}, but LRA {task} has {self.num_classes} classes")
-        self._train_sampler = None
 
     @property
     def num_labels(self) -> int:
@@ -411,27 +405,6 @@ class LRADataModule(pl.LightningDataModule):
             rank_world = (self.trainer.world_size if self.trainer is not None else 1)
             self.val_set.truncate(self.max_val_batches * self.batch_size * rank_world)
 
-    # -- loaders ------------------------------------------------------------------------------------------------
-    def _loader(self, dataset, shuffle: bool):
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        sampler = ResumableBatchSampler(len(dataset), self.batch_size, shuffle, self.seed, rank, world)
-        loader = ResumableLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=_collate,
-                                 persistent_workers=self.num_workers > 0,
-                                 generator=torch.Generator().manual_seed(self.seed))
-        return loader, sampler
-
-    def train_dataloader(self):
-        loader, self._train_sampler = self._loader(self.train_set, shuffle=True)
-        return loader
-
-    def val_dataloader(self):
-        return self._loader(self.val_set, shuffle=False)[0]
-
+    # -- loaders (the shared plumbing is data.loading.ResumableDataModule) ----------------------------------------
     def test_dataloader(self):
         return self._loader(self.test_set, shuffle=False)[0]
-
-    def on_before_batch_transfer(self, batch, dataloader_idx):
-        pos = batch.pop("batch_number")
-        if self.trainer is not None and self.trainer.training and self._train_sampler is not None:
-            self._train_sampler.consumed = int(pos[0]) + 1
-        return batch

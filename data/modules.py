@@ -11,13 +11,12 @@ import os
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from data.corpus import load_corpus, split_corpus
-from data.loading import ResumableBatchSampler, ResumableLoader
+from data.loading import ResumableDataModule
 from data.tokenizers import ByteTokenizer, build_tokenizer, pad_vocab
 
 
@@ -40,7 +39,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-class _CorpusDataModule(pl.LightningDataModule):
+class _CorpusDataModule(ResumableDataModule):
     def __init__(self, source: str = "stdlib", tokenizer: str = "byte", bpe_vocab_size: int = 4096,
                  seq_len: int = 256, batch_size: int = 16, val_percent: float = 5.0, seed: int = 1234,
                  num_workers: int = 0, cache_dir: str = ".cache/zoo", max_val_batches: int | None = None):
@@ -53,7 +52,6 @@ class _CorpusDataModule(pl.LightningDataModule):
         self.seq_len, self.batch_size, self.val_percent, self.seed = seq_len, batch_size, val_percent, seed
         self.num_workers, self.cache_dir, self.max_val_batches = num_workers, Path(cache_dir), max_val_batches
         self.tokenizer = None
-        self._train_sampler = None
 
     # -- corpus -----------------------------------------------------------------------------
     def _key(self, docs) -> str:
@@ -100,45 +98,12 @@ class _CorpusDataModule(pl.LightningDataModule):
         train, val = (np.load(p, mmap_mode="r") for p in paths)
         return train, val, json.loads(meta.read_text())["val_bytes_per_token"]
 
-    # -- loaders ----------------------------------------------------------------------------
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
-    def _loader(self, dataset, shuffle: bool):
-        rank, world = self._rank_world()
-        sampler = ResumableBatchSampler(len(dataset), self.batch_size, shuffle, self.seed, rank, world)
-        # a generator of its own: a DataLoader draws its workers' base seed at every iter() from the generator it
-        # has, else from the global RNG, which would shift the dropout of a resumed run (its iterators start later)
-        loader = ResumableLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                                 collate_fn=_collate, persistent_workers=self.num_workers > 0,
-                                 generator=torch.Generator().manual_seed(self.seed))
-        return loader, sampler
-
-    def train_dataloader(self):
-        loader, self._train_sampler = self._loader(self.train_set, shuffle=True)
-        return loader
-
-    def val_dataloader(self):
-        loader, _ = self._loader(self.val_set, shuffle=False)
-        return loader
-
     def _cap_val(self) -> None:
         """Keep the first max_val_batches global batches of validation (every run validates on the same ones,
         whatever its number of processes)."""
         if self.max_val_batches:
             n = min(len(self.val_set), self.max_val_batches * self.batch_size * self._rank_world()[1])
             self.val_set.truncate(n)
-
-    def on_before_batch_transfer(self, batch, dataloader_idx):
-        pos = batch.pop("batch_number")
-        if self.trainer is not None and self.trainer.training and self._train_sampler is not None:
-            self._train_sampler.consumed = int(pos[0]) + 1
-        return batch
-
-
-def _collate(items):
-    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
 
 
 class _Windows(Dataset):

@@ -16,12 +16,11 @@ Deterministic: the examples of a split are a function of (seed, split) only.
 """
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data.loading import ResumableBatchSampler, ResumableLoader
+from data.loading import ResumableDataModule
 from data.tokenizers import ByteTokenizer, pad_vocab
 
 SPLITS = {"train": 0, "val": 1}
@@ -74,11 +73,7 @@ class _MQARSet(Dataset):
         return {"input_ids": self.input_ids[i], "labels": self.labels[i], "batch_number": b}
 
 
-def _collate(items):
-    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
-
-
-class MQARDataModule(pl.LightningDataModule):
+class MQARDataModule(ResumableDataModule):
     """MQAR train/val splits of fixed size, generated once at setup, served in a resumable order."""
 
     def __init__(self, vocab_size: int = 256, seq_len: int = 128, num_kv_pairs: int = 8, num_train: int = 20000,
@@ -91,7 +86,6 @@ class MQARDataModule(pl.LightningDataModule):
         self.vocab, self.seq_len, self.num_kv_pairs = vocab_size, seq_len, num_kv_pairs
         self.num_train, self.num_val, self.batch_size, self.seed = num_train, num_val, batch_size, seed
         self.num_workers, self.max_val_batches = num_workers, max_val_batches
-        self._train_sampler = None
 
     @property
     def vocab_size(self) -> int:
@@ -109,25 +103,3 @@ class MQARDataModule(pl.LightningDataModule):
         n_val = min(self.num_val, self.max_val_batches * self.batch_size) if self.max_val_batches else self.num_val
         self.train_set = _MQARSet(*generate_mqar(self.num_train, split="train", **kw))
         self.val_set = _MQARSet(*generate_mqar(n_val, split="val", **kw))
-
-    def _loader(self, dataset, shuffle: bool):
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        sampler = ResumableBatchSampler(len(dataset), self.batch_size, shuffle, self.seed, rank, world)
-        loader = ResumableLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=_collate,
-                                 persistent_workers=self.num_workers > 0,
-                                 generator=torch.Generator().manual_seed(self.seed))
-        return loader, sampler
-
-    def train_dataloader(self):
-        loader, self._train_sampler = self._loader(self.train_set, shuffle=True)
-        return loader
-
-    def val_dataloader(self):
-        return self._loader(self.val_set, shuffle=False)[0]
-
-    def on_before_batch_transfer(self, batch, dataloader_idx):
-        # the position saved in a checkpoint is that of the last batch trained on (see data.loading)
-        pos = batch.pop("batch_number")
-        if self.trainer is not None and self.trainer.training and self._train_sampler is not None:
-            self._train_sampler.consumed = int(pos[0]) + 1
-        return batch

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data.loading import ResumableBatchSampler, ResumableLoader
-from data.modules import _collate, _CorpusDataModule
+from data.loading import ResumableBatchSampler, ResumableLoader, collate
+from data.modules import _CorpusDataModule
 
 
 class StreamSegments(Dataset):
@@ -80,7 +80,7 @@ class StreamDataModule(_CorpusDataModule):
 
     def _loader(self, dataset, shuffle: bool):
         sampler = StreamBatchSampler(dataset.rows, dataset.n_segments)
-        loader = ResumableLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=_collate,
+        loader = ResumableLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=collate,
                                  persistent_workers=self.num_workers > 0,
                                  generator=torch.Generator().manual_seed(self.seed))
         return loader, sampler
