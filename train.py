@@ -104,7 +104,10 @@ def print_sample(net, dm, cfg: DictConfig) -> None:
     if net.cfg.arch == "decoder":
         ids = torch.tensor([tok.encode(cfg.sample.prompt) or [tok.eos_id]], device=device)
         g = torch.Generator(device=device).manual_seed(cfg.seed)
-        out = net.generate(ids, cfg.sample.max_new_tokens, cfg.sample.temperature, cfg.sample.top_k, generator=g)
+        # RETRO samples with neighbours retrieved from the training database, chunk by chunk
+        retrieve = dm.retriever() if getattr(net.cfg, "retrieval", False) and hasattr(dm, "retriever") else None
+        out = net.generate(ids, cfg.sample.max_new_tokens, cfg.sample.temperature, cfg.sample.top_k, generator=g,
+                           retrieve=retrieve)
         print("\n[zoo] sample:\n" + tok.decode(out[0].tolist()) + "\n")
     elif hasattr(dm, "val_set") and hasattr(dm.val_set, "window"):
         batch = dm.val_set[(0, 0, 0)]

@@ -42,8 +42,11 @@ def _write_text_atomic(path: Path, text: str) -> None:
 class _CorpusDataModule(ResumableDataModule):
     def __init__(self, source: str = "stdlib", tokenizer: str = "byte", bpe_vocab_size: int = 4096,
                  seq_len: int = 256, batch_size: int = 16, val_percent: float = 5.0, seed: int = 1234,
-                 num_workers: int = 0, cache_dir: str = ".cache/zoo", max_val_batches: int | None = None):
+                 num_workers: int = 0, cache_dir: str = ".cache/zoo", max_val_batches: int | None = None,
+                 max_docs: int | None = None):
         super().__init__()
+        if max_docs is not None and max_docs < 2:
+            raise ValueError(f"data.max_docs must be at least 2 (a training and a validation document), got {max_docs}")
         if seq_len < 2:
             raise ValueError(f"data.seq_len must be at least 2, got {seq_len}")
         if batch_size < 1:
@@ -51,7 +54,13 @@ class _CorpusDataModule(ResumableDataModule):
         self.source, self.tokenizer_kind, self.bpe_vocab_size = source, tokenizer, bpe_vocab_size
         self.seq_len, self.batch_size, self.val_percent, self.seed = seq_len, batch_size, val_percent, seed
         self.num_workers, self.cache_dir, self.max_val_batches = num_workers, Path(cache_dir), max_val_batches
+        self.max_docs = max_docs
         self.tokenizer = None
+
+    def documents(self):
+        """The corpus, or its first data.max_docs documents (a tiny corpus for smoke runs)."""
+        docs = load_corpus(self.source)
+        return docs[: self.max_docs] if self.max_docs else docs
 
     # -- corpus -----------------------------------------------------------------------------
     def _key(self, docs) -> str:
@@ -63,7 +72,7 @@ class _CorpusDataModule(ResumableDataModule):
     def load_tokenizer(self, docs=None):
         """The tokenizer (BPE is trained on the training split once, then read from the cache)."""
         if self.tokenizer is None:
-            docs = docs if docs is not None else load_corpus(self.source)
+            docs = docs if docs is not None else self.documents()
             train, _ = split_corpus(docs, self.val_percent)
             self.tokenizer = build_tokenizer(self.tokenizer_kind, (d.text for d in train), self.bpe_vocab_size,
                                              self.cache_dir, key=self._key(docs))
@@ -79,7 +88,7 @@ class _CorpusDataModule(ResumableDataModule):
 
     def token_streams(self) -> tuple[np.ndarray, np.ndarray, float]:
         """Train and val token streams (documents joined by <eos>) and val bytes per token."""
-        docs = load_corpus(self.source)
+        docs = self.documents()
         key = self._key(docs)
         paths = [self.cache_dir / f"{key}-{s}.npy" for s in ("train", "val")]
         meta = self.cache_dir / f"{key}-meta.json"
@@ -215,7 +224,7 @@ class ClassificationDataModule(_CorpusDataModule):
         self.num_classes = num_classes
 
     def setup(self, stage=None):
-        docs = [d for d in load_corpus(self.source) if "/" in d.name]
+        docs = [d for d in self.documents() if "/" in d.name]
         sizes: dict[str, int] = {}
         for d in docs:
             top = d.name.split("/")[0]

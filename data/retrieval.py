@@ -382,11 +382,13 @@ def query(db: RetrievalDatabase, token_chunks, k: int = 2, embed_fn: Optional[Em
 # --------------------------------------------------------------------------- embedders
 
 
-def histogram_projection_embedder(vocab_size: int, dim: int = 64, seed: int = 0) -> EmbedFn:
+def histogram_projection_embedder(vocab_size: int, dim: int = 64, seed: int = 0,
+                                  pad_id: Optional[int] = None) -> EmbedFn:
     """A deterministic frozen embedder: token histogram times a fixed Gaussian projection.
 
-    Cheap and content-based (chunks sharing tokens land close); used by tests and as a baseline.
-    A real run passes a frozen encoder, e.g. a mean-pooled zoo BERT, from the task instead.
+    Cheap and content-based (chunks sharing tokens land close; the projection keeps cosine similarity of the
+    bag-of-tokens vectors, Johnson-Lindenstrauss); used by tests, as a baseline, and as RETRO's default
+    retriever here (conf/retro_embedder/histogram.yaml). ``pad_id`` tokens are not counted.
     """
     _check(isinstance(vocab_size, int) and vocab_size > 0, "vocab_size", f"must be a positive int, got {vocab_size!r}")
     g = torch.Generator().manual_seed(seed)
@@ -394,8 +396,12 @@ def histogram_projection_embedder(vocab_size: int, dim: int = 64, seed: int = 0)
 
     def embed(tokens: torch.Tensor) -> torch.Tensor:
         hist = torch.zeros(tokens.shape[0], vocab_size)
-        hist.scatter_add_(1, tokens.long() % vocab_size, torch.ones_like(tokens, dtype=torch.float32))
+        ones = torch.ones_like(tokens, dtype=torch.float32)
+        if pad_id is not None:
+            ones = ones * (tokens != pad_id)
+        hist.scatter_add_(1, tokens.long() % vocab_size, ones)
         return hist @ proj
 
-    embed.__qualname__ = f"histogram_projection_embedder(v={vocab_size},d={dim},seed={seed})"
+    pad = "" if pad_id is None else f",pad={pad_id}"
+    embed.__qualname__ = f"histogram_projection_embedder(v={vocab_size},d={dim},seed={seed}{pad})"
     return embed

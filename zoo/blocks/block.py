@@ -22,13 +22,20 @@ class Block(nn.Module):
         else:
             self.ffn = build_ffn(cfg.ffn, cfg.d_model, cfg.d_ff, cfg.activation, cfg.bias, cfg.dropout)
         self.dropout = nn.Dropout(cfg.dropout)
+        # an optional cross-attention sub-layer between attention and FFN, set by the model that has one
+        # (RETRO's chunked cross-attention): cross(x, context) -> x, its own norm and residual inside
+        self.cross: nn.Module | None = None
 
     def forward(self, x, positions, key_padding_mask=None, cache=None, context=None):
         if self.prenorm:  # GPT-2, LLaMA: x + f(norm(x))
             x = x + self.dropout(self.attn(self.norm1(x), positions, key_padding_mask, cache, context))
+            if self.cross is not None:
+                x = self.cross(x, context)
             return x + self._ffn(self.norm2(x), key_padding_mask)
         # BERT: norm(x + f(x))
         x = self.norm1(x + self.dropout(self.attn(x, positions, key_padding_mask, cache, context)))
+        if self.cross is not None:
+            x = self.cross(x, context)
         return self.norm2(x + self._ffn(x, key_padding_mask))
 
     def _ffn(self, x, key_padding_mask):

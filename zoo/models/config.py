@@ -62,6 +62,11 @@ class ModelConfig:
     recurrence: str = "none"  # none, or xl
     mem_len: int = 0  # memory positions per layer in training (0 = each segment alone)
     eval_mem_len: int | None = None  # memory in validation; None = mem_len (generation: at least max_seq_len)
+    # RETRO (zoo.models.retro): chunked cross-attention to neighbours retrieved for each chunk of chunk_len tokens
+    retrieval: bool = False
+    chunk_len: int = 64  # must equal the retrieval database's chunk length (data.chunk_len)
+    cca_layers: list | None = None  # decoder layers with chunked cross-attention; None = every other from layer 1
+    retro_enc_layers: int = 2  # the neighbour encoder's depth (same width and heads as the decoder)
 
     @property
     def causal(self) -> bool:
@@ -126,6 +131,7 @@ class ModelConfig:
             self._validate_moe()
         self._validate_reformer()
         self._validate_recurrence()
+        self._validate_retrieval()
         for p in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, p) < 1.0:
                 raise ValueError(f"model.{p} must be in [0, 1), got {getattr(self, p)}")
@@ -201,3 +207,25 @@ class ModelConfig:
                              f"attention.core={self.attention['core']!r}, valid choices: causal")
         if self.d_model % 2:
             raise ValueError(f"model.recurrence=xl needs an even model.d_model (sinusoid pairs), got {self.d_model}")
+
+    def _validate_retrieval(self) -> None:
+        if not isinstance(self.chunk_len, int) or self.chunk_len < 1:
+            raise ValueError(f"model.chunk_len must be a positive integer, got {self.chunk_len!r}")
+        if not isinstance(self.retro_enc_layers, int) or self.retro_enc_layers < 1:
+            raise ValueError(f"model.retro_enc_layers must be an integer >= 1, got {self.retro_enc_layers!r}")
+        if self.cca_layers is None:
+            self.cca_layers = list(range(1, self.n_layers, 2)) or [0]
+        self.cca_layers = sorted(set(self.cca_layers))
+        bad = [i for i in self.cca_layers if not isinstance(i, int) or not 0 <= i < self.n_layers]
+        if bad or (self.retrieval and not self.cca_layers):
+            raise ValueError(f"model.cca_layers={self.cca_layers} must be a non-empty list of layer indices in "
+                             f"[0, model.n_layers={self.n_layers})")
+        if not self.retrieval:
+            return
+        needs = {"arch": "decoder", "recurrence": "none", "reversible": False, "norm_position": "pre"}
+        for fld, want in needs.items():
+            if getattr(self, fld) != want:
+                raise ValueError(f"model.retrieval=true needs model.{fld}={want!r}, got {getattr(self, fld)!r}")
+        if self.head_dim % 2:
+            raise ValueError(f"model.retrieval=true: the neighbour encoder uses rotary positions, which need an even "
+                             f"head_dim, got {self.head_dim}")

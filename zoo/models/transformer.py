@@ -34,8 +34,9 @@ class Transformer(nn.Module):
             block.attn.core.layer_idx = i  # cores with per-layer randomness (BigBird's layout) seed from it
         self.norm = build_norm(cfg.norm, cfg.hidden_width, cfg.norm_eps, cfg.bias) if cfg.final_norm else None
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, start_pos: int = 0, cache=None,
-                global_attention_mask=None):
+    def embed(self, input_ids, attention_mask=None, token_type_ids=None, start_pos: int = 0,
+              global_attention_mask=None):
+        """Token (+ position, segment) embeddings, and what every block reads besides x."""
         b, n = input_ids.shape
         end = start_pos + n
         if self.cfg.position in ("learned", "sinusoidal") and end > self.cfg.max_seq_len:
@@ -55,18 +56,25 @@ class Transformer(nn.Module):
         key_padding_mask = attention_mask.bool() if attention_mask is not None else None
         # per-example inputs that some cores read (Longformer's global tokens)
         context = {"global_attention_mask": global_attention_mask.bool()} if global_attention_mask is not None else None
+        return x, positions, key_padding_mask, context
+
+    def run_block(self, i: int, x, positions, key_padding_mask, cache, context):
+        if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self.blocks[i], x, positions, key_padding_mask, None, context,
+                                                     use_reentrant=False)
+        return self.blocks[i](x, positions, key_padding_mask, cache[i] if cache is not None else None, context)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, start_pos: int = 0, cache=None,
+                global_attention_mask=None):
+        x, positions, key_padding_mask, context = self.embed(input_ids, attention_mask, token_type_ids, start_pos,
+                                                             global_attention_mask)
         if self.cfg.reversible:  # the Reformer: activations recomputed in backward, output 2 * d_model wide
             if cache is not None:
                 raise ValueError("model.reversible=true has no KV cache: generation recomputes the context")
             x = reversible_stack(self.blocks, x, positions, key_padding_mask, context, self.cfg.ffn_chunks)
             return self.norm(x) if self.norm is not None else x
-        for i, block in enumerate(self.blocks):
-            layer_cache = cache[i] if cache is not None else None
-            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, positions, key_padding_mask, None, context,
-                                                      use_reentrant=False)
-            else:
-                x = block(x, positions, key_padding_mask, layer_cache, context)
+        for i in range(len(self.blocks)):
+            x = self.run_block(i, x, positions, key_padding_mask, cache, context)
         return self.norm(x) if self.norm is not None else x
 
 
@@ -103,7 +111,12 @@ class ZooModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.trunk = TransformerXL(cfg) if cfg.recurrence == "xl" else Transformer(cfg)
+        if cfg.retrieval:
+            from zoo.models.retro import RetroTransformer  # it subclasses Transformer: imported here, not above
+
+            self.trunk = RetroTransformer(cfg)
+        else:
+            self.trunk = TransformerXL(cfg) if cfg.recurrence == "xl" else Transformer(cfg)
         self.mlm_head = MLMHead(cfg) if cfg.arch == "encoder" else None
         # BERT's and the Reformer's LM heads have a bias; GPT-2's has none
         width = cfg.d_model if self.mlm_head is not None else cfg.hidden_width  # the MLM transform narrows it
@@ -124,8 +137,13 @@ class ZooModel(nn.Module):
             nn.init.zeros_(m.bias)
 
     def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None, start_pos=0, cache=None,
-                      global_attention_mask=None):
-        return self.trunk(input_ids, attention_mask, token_type_ids, start_pos, cache, global_attention_mask)
+                      global_attention_mask=None, neighbours=None, neighbour_mask=None):
+        if neighbours is None:
+            return self.trunk(input_ids, attention_mask, token_type_ids, start_pos, cache, global_attention_mask)
+        if not self.cfg.retrieval:
+            raise ValueError("neighbours were given to a model built without retrieval (model.retrieval=false)")
+        return self.trunk(input_ids, attention_mask, token_type_ids, start_pos, cache, global_attention_mask,
+                          neighbours=neighbours, neighbour_mask=neighbour_mask)
 
     def logits(self, hidden):
         if self.mlm_head is not None:
@@ -133,9 +151,10 @@ class ZooModel(nn.Module):
         return self.lm_head(hidden)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, start_pos: int = 0, cache=None,
-                global_attention_mask=None):
+                global_attention_mask=None, neighbours=None, neighbour_mask=None):
+        """neighbours / neighbour_mask (b, chunks, k, tokens): RETRO's retrieved neighbours (model.retrieval)."""
         return self.logits(self.hidden_states(input_ids, attention_mask, token_type_ids, start_pos, cache,
-                                              global_attention_mask))
+                                              global_attention_mask, neighbours, neighbour_mask))
 
     def classify(self, input_ids, attention_mask=None, token_type_ids=None, global_attention_mask=None):
         if self.cls_head is None:
@@ -204,10 +223,19 @@ class ZooModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True):
-        """Sample continuations. temperature=0 is greedy. Uses the KV cache when the core has one."""
+                 generator: torch.Generator | None = None, use_cache: bool = True, retrieve=None):
+        """Sample continuations. temperature=0 is greedy. Uses the KV cache when the core has one.
+        retrieve (RETRO): chunks (l, chunk_len) LongTensor -> (neighbours (l, k, r), mask (l, k, r)), called once
+        per completed chunk; the context is then recomputed at each step (neighbours change what it sees)."""
         if self.cfg.arch != "decoder":
             raise ValueError("generate() needs a decoder (model.arch=decoder)")
+        if retrieve is not None:
+            if not self.cfg.retrieval:
+                raise ValueError("retrieve= needs a model built with model.retrieval=true")
+            from zoo.models.retro import ChunkNeighbours
+
+            return self._generate(input_ids, max_new_tokens, temperature, top_k, generator, None,
+                                  ChunkNeighbours(retrieve, self.cfg.chunk_len))
         # cores without a cache (lsh) and the reversible stack recompute the context at each step
         has_cache = self.cfg.recurrence == "xl" or (self.trunk.blocks[0].attn.core.supports_kv_cache
                                                     and not self.cfg.reversible)
@@ -220,13 +248,16 @@ class ZooModel(nn.Module):
             for m in self.moe_layers():
                 m.track_stats = True
 
-    def _generate(self, input_ids, max_new_tokens, temperature, top_k, generator, cache):
+    def _generate(self, input_ids, max_new_tokens, temperature, top_k, generator, cache, retrieval=None):
         out = input_ids
         step_input, start = input_ids, 0
         for _ in range(max_new_tokens):
             if cache is None:
                 ctx = out[:, -self.cfg.max_seq_len:]
-                logits = self.logits(self.hidden_states(ctx)[:, -1])  # the head on the last position only
+                kw = {}
+                if retrieval is not None:  # a window that starts on a chunk boundary, its chunks' neighbours
+                    ctx, kw = retrieval(out, self.cfg.max_seq_len)
+                logits = self.logits(self.hidden_states(ctx, **kw)[:, -1])  # the head on the last position only
             else:
                 # (an XL memory never fills: it slides, keeping its last positions)
                 if self.cfg.recurrence != "xl" and start + step_input.shape[1] > self.cfg.max_seq_len:
