@@ -8,6 +8,13 @@ attention, overrides, params, global_step and the logged metrics such as val/los
 val/bpb, val/acc, train/tokens_per_s). Writes <out>.md (one row per run, the union of the metrics
 as columns), <out>.csv and <out>.png (bars of val/loss, and of val/acc where runs have it), and
 prints the Markdown table. out defaults to <dir>/compare.
+
+Two more modes, by their first word (a directory named like them is reached as ./results, ./mqar):
+
+    python scripts/compare.py results [out=docs/results.md]      # the results page: every comparison
+    python scripts/compare.py mqar DIR [DIR ...] [out=PATH]       # MQAR: pivot core x pairs per width + plot
+
+(scripts/results_page.py documents both.)
 """
 from __future__ import annotations
 
@@ -120,7 +127,14 @@ def plot(runs: list[dict], path: Path) -> bool:
     return True
 
 
-def main(argv: list[str]) -> list[dict]:
+MODES = ("results", "mqar")
+
+
+def main(argv: list[str]):
+    if argv and argv[0] in MODES:
+        from scripts import results_page
+
+        return results_page.results_main(argv[1:]) if argv[0] == "results" else results_page.mqar_main(argv[1:])
     root, out = parse_args(argv)
     runs = load_runs(root)
     columns = FIXED + metric_columns(runs)
