@@ -10,10 +10,12 @@ to its block size inside and masks the padding as keys, so padded positions neve
 """
 from __future__ import annotations
 
+import copy
 import math
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 
 from kernels.sparse_attention import (
     blocked_attention,
@@ -62,10 +64,13 @@ def _dense_mask(allowed, n_q: int, n_k: int, device, key_padding_mask=None):
 def _flex(q, k, v, allowed, n: int, cache_key=None, real=None, scale=None, return_lse=False, heads=None):
     """flex_attention over length-n q/k/v (padded here to flex's tile) with mask = allowed(h, q, k) & real key.
     Without a padding mask the block mask depends only on the pattern and the length: it is built once
-    (`cache_key`) and reused by every step, so a training step pays nothing for it."""
+    (`cache_key`) and reused by every step, so a training step pays nothing for it. At a length that is
+    already a multiple of the tile nothing is padded or sliced (a slice would cost a zero-filled gradient
+    copy in backward)."""
     b = q.shape[0]
     n_pad = _ceil(n, FLEX_BLOCK)
-    q, k, v = (pad_seq(t, n_pad) for t in (q, k, v))
+    if n_pad != n:
+        q, k, v = (pad_seq(t, n_pad) for t in (q, k, v))
     if real is None and cache_key is not None:
         mask = _cached_block_mask(cache_key, allowed, n, n_pad, q.device, heads)
     else:
@@ -77,8 +82,12 @@ def _flex(q, k, v, allowed, n: int, cache_key=None, real=None, scale=None, retur
         mask = make_block_mask(mask_mod, b, heads, n_pad, n_pad, q.device)
     res = flex_attention(q, k, v, mask, scale=scale, return_lse=return_lse)
     if return_lse:
-        return res[0][:, :, :n], res[1][:, :, :n].float()
-    return res[:, :, :n]
+        return _unpad(res[0], n), _unpad(res[1], n).float()
+    return _unpad(res, n)
+
+
+def _unpad(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x if x.shape[2] == n else x[:, :, :n]
 
 
 _BLOCK_MASKS: dict = {}
@@ -89,9 +98,12 @@ def _cached_block_mask(cache_key, allowed, n, n_pad, device, heads):
     if key not in _BLOCK_MASKS:
         if len(_BLOCK_MASKS) > 64:
             _BLOCK_MASKS.clear()
-
-        def mask_mod(bi, hi, qi, ki):
-            return allowed(hi, qi, ki) & (ki < n)
+        if n == n_pad:  # no tile padding: the predicate alone (flex evaluates it in every partial tile)
+            def mask_mod(bi, hi, qi, ki):
+                return allowed(hi, qi, ki)
+        else:
+            def mask_mod(bi, hi, qi, ki):
+                return allowed(hi, qi, ki) & (ki < n)
         _BLOCK_MASKS[key] = make_block_mask(mask_mod, None, heads, n_pad, n_pad, device)
     return _BLOCK_MASKS[key]
 
@@ -183,72 +195,160 @@ def sliding_window_attention(q, k, v, window: int, causal: bool, dilation: int =
 
 # ------------------------------------------------------------------------------------------------ Longformer
 
-def _gather_globals(global_mask: torch.Tensor):
-    """Indices (B, G) of each example's global tokens, first-come order, and which of the G slots are real."""
-    g = int(global_mask.sum(1).max())
-    order = torch.sort((~global_mask).to(torch.int8), dim=1, stable=True).indices[:, :g]
-    return order, global_mask.gather(1, order)
+def global_positions(global_mask: torch.Tensor):
+    """(idx (B, G), valid (B, G)): each example's global tokens in first-come order, G the most any example has
+    (an example with fewer fills its slots with other positions, valid False); None when there are none.
+    One host sync, for G: it sizes the tensors (the only sync of the Longformer path)."""
+    gm = global_mask.bool()
+    g = int(gm.sum(1).max())
+    if g == 0:
+        return None
+    order = torch.sort((~gm).to(torch.int8), dim=1, stable=True).indices[:, :g]
+    return order, gm.gather(1, order)
 
 
-def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x (B, H, N, D), idx (B, G) -> (B, H, G, D)."""
     return x.gather(2, idx[:, None, :, None].expand(x.shape[0], x.shape[1], idx.shape[1], x.shape[3]))
+
+
+def _project_globals(global_qkv, idx):
+    """(q_g at positions idx (B, H, G, D), k_g, v_g (B, H, N, D)) from either form of `global_qkv`."""
+    if callable(global_qkv):
+        return global_qkv(idx)
+    qg, kg, vg = global_qkv
+    return gather_rows(qg, idx), kg, vg
 
 
 def longformer_attention(q, k, v, window: int, global_mask=None, global_qkv=None, key_padding_mask=None,
                          scale=None, dropout_p: float = 0.0, impl: str = "auto"):
     """Beltagy et al. 2020. Every token sees the window around it plus every global token; a global token
-    sees every token, through its own projections `global_qkv = (q_g, k_g, v_g)` (full shapes, (B, H, N, D)).
-    A global key inside a token's window counts once (the band leaves global keys to the global part)."""
+    sees every token, through its own projections. A global key inside a token's window counts once.
+    global_qkv: (q_g, k_g, v_g), each (B, H, N, D); or a function of the global positions idx (B, G) returning
+    (q_g at those positions (B, H, G, D), k_g, v_g), so that a caller projects only the G global queries."""
     b, h, n, d = q.shape
-    if global_mask is None or not bool(global_mask.any()):
+    found = None if global_mask is None else global_positions(global_mask)
+    if found is None:
         return sliding_window_attention(q, k, v, window, False, 1, key_padding_mask, scale, dropout_p, impl)
     if global_qkv is None:
         raise ValueError("longformer attention with global tokens needs the global projections (global_qkv)")
-    gm = global_mask.bool()
-    real = _real_keys(key_padding_mask, b, n, n, q.device)
+    idx, gvalid = found
     impl = choose_impl(impl, q, dropout_p)
-    qg, kg, vg = global_qkv
     if impl == "reference":
+        gm = global_mask.bool()
+        real = _real_keys(key_padding_mask, b, n, n, q.device)
+        qkv_g = _project_globals(global_qkv, torch.arange(n, device=q.device).expand(b, n))  # every row
         band = window_predicate(window, False)
         local = (band(torch.arange(n, device=q.device)[:, None], torch.arange(n, device=q.device)[None])[None]
                  | gm[:, None, :]) & real[:, None, :]
         out = dense_masked_attention(q, k, v, local[:, None])
-        out_g = dense_masked_attention(qg, kg, vg, real[:, None, None, :].expand(b, 1, n, n))
+        out_g = dense_masked_attention(*qkv_g, real[:, None, None, :].expand(b, 1, n, n))
         return torch.where(gm[:, None, :, None], out_g, out)
 
-    idx, gvalid = _gather_globals(gm)
-    k, v = expand_kv(q, k, v)
     if impl == "flex":
-        # the band (global keys included) from a block mask built once per length, then the global keys
-        # outside each token's band as a small (N, G) partial, merged through the log-sum-exp
-        band = window_predicate(window, False)
-        out, lse = _flex(q, k, v, _no_head(band), n, ("window", window, False, 1), key_padding_mask, scale, True)
-        pos = torch.arange(n, device=q.device)
-        far = ~band(pos[None, :, None], idx[:, None, :])  # (B, N, G): this global key is outside q's band
-        mask_e = (far & (gvalid & real.gather(1, idx))[:, None, :])[:, None]
-        o_e, l_e = dense_masked_attention(q, _take(k, idx), _take(v, idx), mask_e, scale, return_lse=True)
-        out, _ = merge_partials(out, lse, o_e, l_e)
+        out = _longformer_flex(q, k, v, window, idx, gvalid, key_padding_mask, scale)
     else:
-        ke, ve = _take(k, idx), _take(v, idx)
-        mask_e = (gvalid & real.gather(1, idx))[:, None, None, :].expand(b, 1, n, idx.shape[1])
-        bs_real = real & ~gm  # the band leaves global keys to the global part
-        reach = window // 2
-        bs = min(max(reach, 32), n)
-        n_pad = _ceil(n, bs)
-        qp, kp, vp = (pad_seq(t, n_pad) for t in (q, k, v))
-        mask_e = pad_seq(mask_e, n_pad, dim=2, value=False)
-        layout = _band_layout(n_pad // bs, False, str(q.device))
-        out, _ = blocked_attention(qp, kp, vp, layout, bs, window_predicate(window, False),
-                                   pad_seq(bs_real, n_pad, dim=1, value=False), extra=(ke, ve, mask_e),
-                                   scale=scale, dropout_p=dropout_p)
-        out = out[:, :, :n]
+        out = _longformer_blocked(q, k, v, window, idx, gvalid, key_padding_mask, scale, dropout_p)
     # global rows: G queries against all N keys, linear in N (no attention dropout on these few rows)
-    qsel = _take(qg, idx)
-    out_g = dense_masked_attention(qsel, kg, vg, real[:, None, None, :].expand(b, 1, idx.shape[1], n), scale)
+    qg, kg, vg = _project_globals(global_qkv, idx)
+    if impl == "flex":  # one fused SDPA call; an example with no real key lets its unused rows see all (no NaN)
+        m = None if key_padding_mask is None else (key_padding_mask | ~key_padding_mask.any(1, keepdim=True))
+        out_g = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=None if m is None else m[:, None, None, :],
+                                               scale=scale).to(out.dtype)
+    else:
+        real = _real_keys(key_padding_mask, b, n, n, q.device)
+        out_g = dense_masked_attention(qg, kg, vg, real[:, None, None, :].expand(b, 1, idx.shape[1], n), scale)
     keep = gvalid[:, None, :, None]
-    cur = _take(out, idx)
-    return out.scatter(2, idx[:, None, :, None].expand(b, h, idx.shape[1], d), torch.where(keep, out_g, cur))
+    return out.scatter(2, idx[:, None, :, None].expand(b, h, idx.shape[1], d), torch.where(keep, out_g, gather_rows(out, idx)))
+
+
+def _longformer_blocked(q, k, v, window, idx, gvalid, key_padding_mask, scale, dropout_p):
+    """Local rows on any device: the band (global keys left out of it) with the global keys as extra keys."""
+    b, _, n, _ = q.shape
+    real = _real_keys(key_padding_mask, b, n, n, q.device)
+    k, v = expand_kv(q, k, v)
+    ke, ve = gather_rows(k, idx), gather_rows(v, idx)
+    mask_e = (gvalid & real.gather(1, idx))[:, None, None, :].expand(b, 1, n, idx.shape[1])
+    is_global = torch.zeros_like(real).scatter(1, idx, gvalid)
+    band_real = real & ~is_global  # the band leaves global keys to the global part
+    bs = min(max(window // 2, 32), n)
+    n_pad = _ceil(n, bs)
+    qp, kp, vp = (pad_seq(t, n_pad) for t in (q, k, v))
+    mask_e = pad_seq(mask_e, n_pad, dim=2, value=False)
+    layout = _band_layout(n_pad // bs, False, str(q.device))
+    out, _ = blocked_attention(qp, kp, vp, layout, bs, window_predicate(window, False),
+                               pad_seq(band_real, n_pad, dim=1, value=False), extra=(ke, ve, mask_e),
+                               scale=scale, dropout_p=dropout_p)
+    return out[:, :, :n]
+
+
+def _longformer_flex(q, k, v, window, idx, gvalid, key_padding_mask, scale):
+    """Local rows as ONE flex_attention call. The keys are the sequence followed by its global tokens gathered
+    into slots: a query sees its band in the sequence part and, in the slots, the global keys outside its band
+    (those inside count once, in the band). The pattern as a mask on the sequence alone would make a whole
+    128-wide tile live in every row for each global token (most of the time at 16 globals); gathered, all
+    global keys share one tile column. The tile layout depends only on (N, window, slots), so it is built once
+    and cached; the per-example positions are tensors the mask_mod reads."""
+    b, _, n, _ = q.shape
+    g = idx.shape[1]
+    n_pad, s_pad = _ceil(n, FLEX_BLOCK), _ceil(g, FLEX_BLOCK)
+    reach = window // 2
+
+    def seq_then_slots(t):
+        parts = [t] + ([t.new_zeros(*t.shape[:2], n_pad - n, t.shape[3])] if n_pad > n else [])
+        parts.append(gather_rows(t, idx))
+        if s_pad > g:
+            parts.append(t.new_zeros(*t.shape[:2], s_pad - g, t.shape[3]))
+        return torch.cat(parts, dim=2)
+    kx, vx = seq_then_slots(k), seq_then_slots(v)
+    gpos = pad_seq(idx, s_pad, dim=1, value=0)
+    gok = gvalid if key_padding_mask is None else gvalid & key_padding_mask.gather(1, idx)
+    gok = pad_seq(gok, s_pad, dim=1, value=False)
+    real = None if key_padding_mask is None else pad_seq(key_padding_mask.bool(), n_pad, dim=1, value=False)
+
+    # the sequence part's own test is kept minimal: flex runs it in every partial tile
+    if real is not None:
+        def seq_ok(bi, ki, near):
+            return near & real[bi, ki.clamp(max=n_pad - 1)]
+    elif n < n_pad:
+        def seq_ok(bi, ki, near):
+            return near & (ki < n)
+    else:
+        def seq_ok(bi, ki, near):
+            return near
+
+    def mask_mod(bi, hi, qi, ki):
+        in_seq = ki < n_pad
+        slot = (ki - n_pad).clamp(min=0)
+        near = (qi - torch.where(in_seq, ki, gpos[bi, slot])).abs() <= reach
+        return torch.where(in_seq, seq_ok(bi, ki, near), gok[bi, slot] & ~near)
+
+    mask = copy.copy(_window_tiles(n, n_pad, -reach, reach, s_pad // FLEX_BLOCK, real is None, str(q.device)))
+    mask.mask_mod = mask_mod  # a copy: the cached layout stays shared, the per-call tensors are this call's
+    return _unpad(flex_attention(pad_seq(q, n_pad), kx, vx, mask, scale=scale), n)
+
+
+@lru_cache(maxsize=32)
+def _window_tiles(n: int, n_pad: int, lo: int, hi: int, extra: int, exact: bool, device_str: str):
+    """flex BlockMask layout of `lo <= q - k <= hi` over n real keys (padded to n_pad), followed by `extra`
+    tile columns that every query row scans. Built from the tile arithmetic, never from an (N, N) grid.
+    exact=False: no tile is full, so that the mask_mod runs everywhere (it reads per-example data, e.g. a
+    padding mask, that a full tile would skip); the extra columns are never full."""
+    from torch.nn.attention.flex_attention import BlockMask
+    t = FLEX_BLOCK
+    nb = n_pad // t
+    i, j = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
+    d_min, d_max = (i - j) * t - (t - 1), (i - j) * t + (t - 1)  # the range of q - k over tile (i, j)
+    live = (d_min <= hi) & (d_max >= lo) & (j * t < n)
+    full = (d_min >= lo) & (d_max <= hi) & ((j + 1) * t <= n) & exact
+    cols = torch.ones(nb, extra, dtype=torch.bool)
+    partial, full = torch.cat([live & ~full, cols], 1), torch.cat([full, ~cols], 1)
+
+    def ordered(m):  # (count, indices) per row, the listed tiles first, as flex reads them
+        order = torch.sort((~m).to(torch.int8), dim=1, stable=True).indices
+        return m.sum(1).to(torch.int32)[None, None].to(device_str), order.to(torch.int32)[None, None].to(device_str)
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=t,
+                                    seq_lengths=(n_pad, n_pad + extra * t))
 
 
 # ------------------------------------------------------------------------------------------------ BigBird
@@ -297,19 +397,30 @@ def bigbird_attention(q, k, v, block_size: int, table: torch.Tensor, num_global:
     n_pad = nb * bs
     if n_pad < n or n_pad - n >= bs:
         raise ValueError(f"block table for {nb} blocks of {bs} does not fit a sequence of {n}")
-    real = _real_keys(key_padding_mask, b, n, n_pad, q.device)
-    q, k, v = (pad_seq(t, n_pad) for t in (q, k, v))
-    table = table.to(q.device)
     impl = choose_impl(impl, q, dropout_p)
+    table = table.to(q.device)
+    if n_pad != n:
+        q, k, v = (pad_seq(t, n_pad) for t in (q, k, v))
+    if impl == "flex":
+        n_flex = _ceil(n_pad, FLEX_BLOCK)
+        if n_flex == n_pad:
+            def in_table(hi, qi, ki):
+                return table[hi, qi // bs, ki // bs]
+        else:
+            def in_table(hi, qi, ki):  # flex pads past the last block: clamp, _flex masks those keys
+                return table[hi, (qi // bs).clamp(max=nb - 1), (ki // bs).clamp(max=nb - 1)]
+        if n < n_pad:  # the block padding is never a key (the predicate stays minimal when there is none)
+            def allowed(hi, qi, ki):
+                return in_table(hi, qi, ki) & (ki < n)
+        else:
+            allowed = in_table
+        real = None if key_padding_mask is None else _real_keys(key_padding_mask, b, n, n_pad, q.device)
+        key = None if cache_key is None else (*cache_key, n)
+        return _unpad(_flex(q, k, v, allowed, n_pad, key, real, scale, heads=table.shape[0]), n)
+    real = _real_keys(key_padding_mask, b, n, n_pad, q.device)
     if impl == "reference":
         dense = table.repeat_interleave(bs, 1).repeat_interleave(bs, 2)[None] & real[:, None, None, :]
         return dense_masked_attention(q, k, v, dense, scale)[:, :, :n]
-    if impl == "flex":
-        def allowed(hi, qi, ki):  # flex pads past the last block: clamp, those keys are masked anyway
-            return table[hi, (qi // bs).clamp(max=nb - 1), (ki // bs).clamp(max=nb - 1)] & (ki < n)
-        key = None if cache_key is None else (*cache_key, n)
-        return _flex(q, k, v, allowed, n_pad, key, None if key_padding_mask is None else real, scale,
-                     heads=table.shape[0])[:, :, :n]
     # global query blocks are recomputed densely below: in the layout they keep only their own block, so that
     # the gathered width is that of the sparse rows (window + global + random), not the whole sequence
     sparse = table.clone()

@@ -245,8 +245,14 @@ def _flex_case(name, opts, causal, device, n=300):
     return core, (q, k, v), ctx
 
 
-@pytest.mark.parametrize("name,opts,causal", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
-def test_flex_path_forward_equals_reference(name, opts, causal, monkeypatch):
+# the flex tests add a Longformer window wide enough for full tiles (flex skips the mask_mod in those)
+FLEX_CASES = CASES + [("longformer", {"window": 260}, False)]
+FLEX_IDS = [f"{c[0]}-{i}" for i, c in enumerate(FLEX_CASES)]
+
+
+@pytest.mark.parametrize("name,opts,causal", FLEX_CASES, ids=FLEX_IDS)
+@pytest.mark.parametrize("n", [256, 300])  # 256: a multiple of flex's tile, nothing padded or sliced
+def test_flex_path_forward_equals_reference(name, opts, causal, n, monkeypatch):
     """The CUDA path's logic (block masks, padding to flex's tile, LSE merges) checked on CPU with flex_attention
     run eagerly (forward only: flex has no CPU backward; the GPU test below checks gradients)."""
     import kernels.sparse_attention as sa
@@ -256,8 +262,8 @@ def test_flex_path_forward_equals_reference(name, opts, causal, monkeypatch):
     monkeypatch.setattr(sp, "make_block_mask", lambda mm, b, h, nq, nk, device: create_block_mask(mm, b, h, nq, nk,
                                                                                                   device=device))
     monkeypatch.setattr(sp, "_BLOCK_MASKS", {})
-    core, (q, k, v), ctx = _flex_case(name, opts, causal, "cpu")
-    for m in (None, padding(2, 300)):
+    core, (q, k, v), ctx = _flex_case(name, opts, causal, "cpu", n)
+    for m in (None, padding(2, n)):
         fast, ref = core(q, k, v, key_padding_mask=m, context=ctx), core.reference(q, k, v, key_padding_mask=m,
                                                                                   context=ctx)
         if m is not None:
@@ -265,21 +271,56 @@ def test_flex_path_forward_equals_reference(name, opts, causal, monkeypatch):
         torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
 
 
+def _tiles(num, idx, n_cols):
+    """A BlockMask's (count, indices) per row -> (rows, n_cols) bool."""
+    num, idx = num[0, 0], idx[0, 0]
+    out = torch.zeros(len(num), n_cols, dtype=torch.bool)
+    for r in range(len(num)):
+        out[r, idx[r, : num[r]].long()] = True
+    return out
+
+
+@pytest.mark.parametrize("n,window,extra", [(256, 6, 1), (300, 260, 1), (700, 300, 2), (128, 600, 1), (1000, 2, 1)])
+def test_longformer_tile_layout_is_exactly_the_band(n, window, extra):
+    """The Longformer flex layout is tile arithmetic, not a scan of the (N, N) grid: it must list exactly the
+    tiles the band touches (eager flex on CPU reads the mask everywhere, so only this test holds the layout),
+    mark full only tiles the band fills, and scan the global-key slots from every row."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from kernels.sparse_patterns import FLEX_BLOCK, _window_tiles, window_predicate
+    n_pad = -(-n // FLEX_BLOCK) * FLEX_BLOCK
+    nb = n_pad // FLEX_BLOCK
+    band = window_predicate(window, False)
+    want = create_block_mask(lambda b, h, q, k: band(q, k) & (k < n), None, None, n_pad, n_pad, device="cpu")
+    want_partial = _tiles(want.kv_num_blocks, want.kv_indices, nb)
+    want_full = _tiles(want.full_kv_num_blocks, want.full_kv_indices, nb)
+    for exact in (True, False):
+        got = _window_tiles(n, n_pad, -(window // 2), window // 2, extra, exact, "cpu")
+        assert got.seq_lengths == (n_pad, n_pad + extra * FLEX_BLOCK)
+        partial = _tiles(got.kv_num_blocks, got.kv_indices, nb + extra)
+        full = _tiles(got.full_kv_num_blocks, got.full_kv_indices, nb + extra)
+        assert torch.equal((partial | full)[:, :nb], want_partial | want_full)
+        assert torch.equal(full[:, :nb], want_full if exact else torch.zeros_like(want_full))
+        assert partial[:, nb:].all() and not full[:, nb:].any()
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("name,opts,causal", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize("name,opts,causal", FLEX_CASES, ids=FLEX_IDS)
 def test_flex_path_on_cuda_equals_reference_with_gradients(name, opts, causal):
     torch.manual_seed(0)
     core, inputs, ctx = _flex_case(name, opts, causal, "cuda")
     weight = torch.randn_like(inputs[0])
+    params = list(core.parameters())  # Longformer's global projections: their gradients too
     for m in (None, padding(2, 300).cuda()):
         results = []
         for fn in (core, core.reference):
             q, k, v = (t.clone().requires_grad_() for t in inputs)
+            for p in params:
+                p.grad = None
             out = fn(q, k, v, key_padding_mask=m, context=ctx)
             if m is not None:
                 out = out * m[:, None, :, None]
             (out * weight).sum().backward()
-            results.append([out, q.grad, k.grad, v.grad])
+            results.append([out, q.grad, k.grad, v.grad] + [p.grad for p in params])
         for a, b in zip(*results):
             torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
 

@@ -11,12 +11,14 @@ import itertools
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from kernels.sparse_attention import dense_masked_attention, expand_kv
 from kernels.sparse_patterns import (
     IMPLS,
     bigbird_attention,
     bigbird_block_table,
+    gather_rows,
     longformer_attention,
     sliding_window_attention,
     sparse_strided_attention,
@@ -148,24 +150,30 @@ class LongformerCore(_SparseCore):
             gm = (torch.arange(q.shape[2], device=q.device) % self.global_every == 0).expand(q.shape[0], -1)
         return gm
 
-    def _global_qkv(self, context):
+    def _global_qkv(self, context, idx):
+        """The global projections for the global positions idx (B, G): queries at those rows only (the others'
+        global queries are never used), keys and values at every row (a global query sees all of them)."""
+        if self.global_qkv is None:
+            raise ValueError("the longformer core was built without setup(cfg): it has no global projections")
         hidden = context["hidden"]
-        b, n, _ = hidden.shape
-        qkv = self.global_qkv(hidden).view(b, n, 3, self.n_heads, self.head_dim)
-        return tuple(t.transpose(1, 2) for t in qkv.unbind(2))
+        b, n, d_model = hidden.shape
+        hd = self.n_heads * self.head_dim
+        w, bias = self.global_qkv.weight, self.global_qkv.bias
+        rows = hidden.gather(1, idx[..., None].expand(b, idx.shape[1], d_model))
+        qg = F.linear(rows, w[:hd], None if bias is None else bias[:hd]).view(b, -1, self.n_heads, self.head_dim)
+        kv = F.linear(hidden, w[hd:], None if bias is None else bias[hd:]).view(b, n, 2, self.n_heads, self.head_dim)
+        return qg.transpose(1, 2), *(t.transpose(1, 2) for t in kv.unbind(2))
 
     def _fast(self, q, k, v, key_padding_mask=None, impl=None, context=None):
-        gm = self._global_mask(context, q)
-        g = None
-        if gm is not None and bool(gm.any()):
-            if self.global_projections == "shared":
-                g = (q, *expand_kv(q, k, v))
-            elif self.global_qkv is None:
-                raise ValueError("the longformer core was built without setup(cfg): it has no global projections")
-            else:
-                g = self._global_qkv(context)
-        return longformer_attention(q, k, v, self.window, gm, g, key_padding_mask, dropout_p=self._dropout(),
-                                    impl=impl or self.impl)
+        # the projections are a function of the global positions, called only when there are global tokens
+        if self.global_projections == "shared":
+            def g(idx):
+                return (gather_rows(q, idx), *expand_kv(q, k, v))
+        else:
+            def g(idx):
+                return self._global_qkv(context, idx)
+        return longformer_attention(q, k, v, self.window, self._global_mask(context, q), g, key_padding_mask,
+                                    dropout_p=self._dropout(), impl=impl or self.impl)
 
 
 @register_core
