@@ -17,11 +17,17 @@ Attention given the features:
   can continue from it one token at a time (a KV cache of constant size).
 - a quadratic masked reference for tests.
 
-Everything is computed in float32 at least: exp() features and long cumulative sums are not safe in
+The torch code computes in float32 at least: exp() features and long cumulative sums are not safe in
 half precision. Layout: (batch, heads, seq, dim); GQA is the caller's business (expand kv heads).
+
+Implementations (`impl=`): "chunked" is the torch scan above (any device, the reference for the kernels);
+"triton" is kernels/linear_attention_triton.py (causal attention, the FAVOR+ and elu+1 feature maps; bf16 matmuls
+with fp32 accumulation, fp32 normaliser and states); "auto" takes triton on CUDA when triton is importable and
+the input is not float64, the torch scan elsewhere. Bidirectional attention is two matmuls either way.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -43,6 +49,29 @@ def _exp(x: torch.Tensor) -> torch.Tensor:
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+IMPLS = ("auto", "chunked", "triton")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def choose_impl(impl: str, x: torch.Tensor) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"linear attention impl={impl!r}; valid choices: {', '.join(IMPLS)}")
+    if impl == "triton" and not triton_available():
+        raise ValueError("linear attention impl='triton' needs the triton package (pip install triton); "
+                         "valid choices without it: auto, chunked")
+    if impl == "auto":
+        return "triton" if x.is_cuda and x.dtype != torch.float64 and triton_available() else "chunked"
+    return impl
+
+
+def _triton():
+    from kernels import linear_attention_triton
+    return linear_attention_triton
 
 
 def random_projection(nb_features: int, dim: int, *, orthogonal: bool = True, seed: int = 0,
@@ -97,12 +126,37 @@ def favor_key_features(logits: torch.Tensor, offset: torch.Tensor) -> torch.Tens
     return _exp(logits - offset) * logits.shape[-1] ** -0.5
 
 
+def favor_features(q: torch.Tensor, k: torch.Tensor, projection: torch.Tensor, key_padding_mask=None,
+                   offset=None, impl: str = "auto"):
+    """FAVOR+ features of queries and keys: (phi_q, phi_k with padded keys zero, key offset (b, h, 1, 1)).
+    `offset`: a decoder's running key offset; the new one is the max of it and this step's keys' max.
+    impl "chunked" (torch, float32) or "triton" (one fused kernel per tensor, features in the inputs' dtype)."""
+    if choose_impl(impl, q) == "triton":
+        lat = _triton()
+        row_max = lat.favor_row_max(k, projection)
+        if key_padding_mask is not None:
+            row_max = row_max.masked_fill(~key_padding_mask[:, None, :], float("-inf"))
+        new = torch.nan_to_num(row_max.amax(-1)[..., None, None], neginf=0.0)
+        if offset is not None:
+            new = torch.maximum(new, offset)
+        phi_k = mask_keys(lat.favor_features(k, projection, new), key_padding_mask)
+        return lat.favor_features(q, projection), phi_k, new
+    lq, lk = favor_logits(q, projection), favor_logits(k, projection)
+    new = favor_key_offset(lk, key_padding_mask)
+    if offset is not None:
+        new = torch.maximum(new, offset)
+    phi_k = mask_keys(favor_key_features(lk, new), key_padding_mask)
+    return favor_query_features(lq), phi_k, new
+
+
 def relu_features(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
     x = x.to(_compute_dtype(x)) * x.shape[-1] ** -0.25
     return F.relu(_project(x, projection)) + RELU_EPS
 
 
-def elu_features(x: torch.Tensor) -> torch.Tensor:
+def elu_features(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    if choose_impl(impl, x) == "triton":
+        return _triton().elu_features(x)
     # elu(x) + 1 written as exp(x) below 0: exact where `expm1(x) + 1` rounds to 0, and floored (above)
     x = x.to(_compute_dtype(x))
     return torch.where(x > 0, x + 1.0, _exp(torch.minimum(x, torch.zeros((), dtype=x.dtype))))
@@ -116,16 +170,23 @@ def mask_keys(phi_k: torch.Tensor, key_padding_mask=None) -> torch.Tensor:
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    # a query that sees no valid key has a zero denominator: give it zeros, as the softmax reference does
-    return num / den.clamp_min(torch.finfo(den.dtype).tiny)[..., None]
+    # a query that sees no valid key has a zero denominator: give it zeros, as the softmax reference does, and a
+    # zero gradient (dividing by a clamped tiny denominator overflowed the gradient to inf, then 0 * inf = nan)
+    ok = den > 0
+    return torch.where(ok[..., None], num / torch.where(ok, den, 1.0)[..., None], 0.0)
 
 
-def linear_attention(phi_q, phi_k, v, *, causal: bool, chunk_size: int = 64, state=None):
+def linear_attention(phi_q, phi_k, v, *, causal: bool, chunk_size: int = 64, state=None, impl: str = "auto"):
     """Linear attention from features. phi_q (b, h, n, m), phi_k (b, h, n, m) with padded keys already
     zero, v (b, h, n, dv). `state` = (S (b, h, m, dv), z (b, h, m)) from earlier positions (causal only).
-    Returns (out (b, h, n, dv) in v's dtype, final state)."""
+    Returns (out (b, h, n, dv) in v's dtype, final state). `chunk_size` is the torch scan's; the Triton
+    kernel uses its own tile (the result does not depend on it)."""
+    if causal and choose_impl(impl, phi_q) == "triton":
+        with torch.autocast(phi_q.device.type, enabled=False):
+            return _triton().causal_linear_attention(phi_q, phi_k, v, state)
     # under bf16 autocast the matmuls below would run in bf16 and the state sums would lose their precision
     with torch.autocast(phi_q.device.type, enabled=False):
+        phi_q, phi_k = phi_q.to(_compute_dtype(phi_q)), phi_k.to(_compute_dtype(phi_k))
         vf = v.to(phi_q.dtype)
         if not causal:
             if state is not None:

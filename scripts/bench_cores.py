@@ -7,7 +7,8 @@ Rows, for each length:
 - `sdpa full` / `sdpa causal`: dense exact attention, torch SDPA with the fastest backend that runs
   (cuDNN, then flash, then efficient, then math; the one used is in the table);
 - each core of `cores=` (sparse and linear) through its own forward (impl=auto: flex_attention on CUDA, the blocked
-  kernel elsewhere);
+  kernel elsewhere; performer/linear: the Triton kernels on CUDA, the torch scan elsewhere, and
+  `performer_torch`/`linear_torch` the torch scan everywhere);
 - on CUDA, `flex <core>`: torch's flex_attention called directly with the core's mask (the core's whole
   pattern as one mask_mod, block mask built once outside the timed step), the yardstick the issue names.
 Time is the median of `repeats` fwd+bwd steps after `warmup`; peak memory is max_memory_allocated on CUDA
@@ -38,8 +39,10 @@ CORES = {  # name -> (core, causal, options): the settings of the issue's H200 t
     "longformer": ("longformer", False, {"window": 512}),
     "bigbird": ("bigbird", False, {"block_size": 64, "num_random_blocks": 3, "num_global_blocks": 1}),
     "sparse_strided": ("sparse_strided", True, {"stride": 128}),
-    "performer": ("performer", True, {"nb_features": 256}),  # causal FAVOR+, chunked prefix sums
+    "performer": ("performer", True, {"nb_features": 256}),  # causal FAVOR+: Triton kernels on CUDA, torch scan on CPU
     "linear": ("linear", True, {}),
+    "performer_torch": ("performer", True, {"nb_features": 256, "backend": "chunked"}),  # the torch scan everywhere
+    "linear_torch": ("linear", True, {"backend": "chunked"}),
 }
 FLEX_MASKS = ("sliding_window", "longformer", "bigbird", "sparse_strided")  # cores with a mask to hand to flex
 DEFAULTS = {"seq_lens": "256,512,1024,2048", "batch": 1, "heads": 4, "head_dim": 64,
@@ -185,7 +188,7 @@ def main(argv: list[str]) -> list[dict]:
                     torch.cuda.empty_cache()
             rows.append({"impl": label, "seq_len": n, "ms fwd+bwd": ms, "peak MiB": mib})
             print(f"{label:36s} {n:6d} {ms if isinstance(ms, str) else f'{ms:9.3f}'} ms  {mib:9.1f} MiB", flush=True)
-    write(rows, o, argv, dev)
+        write(rows, o, argv, dev)  # after every length: a run cut short still leaves its table
     return rows
 
 
@@ -193,6 +196,7 @@ def write(rows, o, argv, dev):
     out = Path(o["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
     cols = ["impl", "seq_len", "ms fwd+bwd", "peak MiB"]
+    rows = sorted(rows, key=lambda r: r["seq_len"])  # seq_lens may come in any order (the longest first)
     fmt = lambda x: x if isinstance(x, str) else (f"{x:.3g}" if x < 1000 else f"{x:.0f}")  # noqa: E731
     table = "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
                       + ["| " + " | ".join(str(r[c]) if isinstance(r[c], int) else fmt(r[c]) for c in cols) + " |"

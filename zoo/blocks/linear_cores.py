@@ -13,7 +13,9 @@ from kernels import linear_attention as la
 from zoo.blocks.cores import AttentionCore, register_core
 
 KERNELS = ("softmax", "relu")
-BACKENDS = ("auto", "reference")  # auto: the chunked scan; reference: the quadratic form (tests, debugging)
+# auto: the Triton kernels on CUDA (when triton is importable), the torch chunked scan elsewhere;
+# chunked / triton: force one; reference: the quadratic form (tests, debugging)
+BACKENDS = ("auto", "reference", "chunked", "triton")
 
 
 def _expand_kv(q, k, v):
@@ -39,15 +41,19 @@ class _LinearCore(AttentionCore):
         if backend not in BACKENDS:
             raise ValueError(f"attention.backend={backend!r} for core {self.name!r}; "
                              f"valid choices: {', '.join(BACKENDS)}")
+        if backend == "triton" and not la.triton_available():
+            raise ValueError(f"attention.backend='triton' for core {self.name!r} needs the triton package; "
+                             f"valid choices without it: auto, reference, chunked")
         if dropout:
             raise ValueError(f"attention.core={self.name!r} has no attention matrix to drop out: "
                              f"set model.attn_dropout=0 (got {dropout})")
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"attention.chunk_size must be a positive integer, got {chunk_size!r}")
         self.backend, self.chunk_size = backend, chunk_size
+        self.impl = backend if backend in la.IMPLS else "auto"  # what the kernels get (reference never reaches them)
 
-    # the feature map: (phi_q, phi_k with padded keys zeroed, key offset or None)
-    def features(self, q, k, key_padding_mask, offset=None):
+    # the feature map: (phi_q, phi_k with padded keys zeroed, key offset or None); impl None = self.impl
+    def features(self, q, k, key_padding_mask, offset=None, impl=None):
         raise NotImplementedError
 
     def forward(self, q, k, v, key_padding_mask=None, cache=None, context=None):
@@ -58,7 +64,8 @@ class _LinearCore(AttentionCore):
             return self.reference(q, k, v, key_padding_mask)
         if cache is None:
             phi_q, phi_k, _ = self.features(q, k, key_padding_mask)
-            out, _ = la.linear_attention(phi_q, phi_k, v, causal=self.causal, chunk_size=self.chunk_size)
+            out, _ = la.linear_attention(phi_q, phi_k, v, causal=self.causal, chunk_size=self.chunk_size,
+                                         impl=self.impl)
             return out
         if not self.causal:
             raise ValueError(f"attention.core={self.name!r}: incremental decoding needs a causal model")
@@ -70,13 +77,13 @@ class _LinearCore(AttentionCore):
             scale = torch.exp(old - offset)
             state = (state[0] * scale, state[1] * scale[..., 0])
         out, cache["state"] = la.linear_attention(phi_q, phi_k, v, causal=True, chunk_size=self.chunk_size,
-                                                  state=state)
+                                                  state=state, impl=self.impl)
         cache["offset"] = offset
         return out
 
     def reference(self, q, k, v, key_padding_mask=None, context=None):
         k, v = _expand_kv(q, k, v)
-        phi_q, phi_k, _ = self.features(q, k, key_padding_mask)
+        phi_q, phi_k, _ = self.features(q, k, key_padding_mask, impl="chunked")  # torch features: the reference
         return la.linear_attention_reference(phi_q, phi_k, v, causal=self.causal)
 
 
@@ -86,8 +93,9 @@ class LinearCore(_LinearCore):
 
     name = "linear"
 
-    def features(self, q, k, key_padding_mask, offset=None):
-        return la.elu_features(q), la.mask_keys(la.elu_features(k), key_padding_mask), None
+    def features(self, q, k, key_padding_mask, offset=None, impl=None):
+        impl = impl or self.impl
+        return la.elu_features(q, impl), la.mask_keys(la.elu_features(k, impl), key_padding_mask), None
 
 
 @register_core
@@ -147,16 +155,11 @@ class PerformerCore(_LinearCore):
             self._draw(q.shape[-1], q.device)
         return super().reference(q, k, v, key_padding_mask, context)
 
-    def features(self, q, k, key_padding_mask, offset=None):
+    def features(self, q, k, key_padding_mask, offset=None, impl=None):
         if self.kernel == "relu":
             phi_k = la.relu_features(k, self.projection)
             return la.relu_features(q, self.projection), la.mask_keys(phi_k, key_padding_mask), None
-        lq, lk = la.favor_logits(q, self.projection), la.favor_logits(k, self.projection)
-        new = la.favor_key_offset(lk, key_padding_mask)
-        if offset is not None:
-            new = torch.maximum(new, offset)
-        phi_k = la.mask_keys(la.favor_key_features(lk, new), key_padding_mask)
-        return la.favor_query_features(lq), phi_k, new
+        return la.favor_features(q, k, self.projection, key_padding_mask, offset, impl=impl or self.impl)
 
     # the redraw schedule travels with the checkpoint, so a resumed run redraws when the original would have
     def get_extra_state(self):

@@ -1,0 +1,489 @@
+"""Triton kernels for causal linear attention and the FAVOR+ feature map (CUDA; the torch scan in
+kernels/linear_attention.py is the reference they are tested against).
+
+Causal linear attention, chunked as in flash-linear-attention's "chunk" scheme, with the normaliser:
+    out_i = num_i / den_i,  num_i = sum_{j<=i} (q_i . k_j) v_j,  den_i = sum_{j<=i} q_i . k_j
+For chunk c with state S_c = sum_{j before c} k_j v_j^T (m x dv) and z_c = sum_{j before c} k_j:
+    num = tril(Q K^T) V + Q S_c,   den = rowsum(tril(Q K^T)) + Q z_c.
+Forward: (1) the sequence is cut into segments of SEGMENT chunks; one program per (batch*head, m tile, dv
+tile, segment) walks its segment's chunks in order and writes S_c, z_c counted from the segment's start, and the
+segment's total (the only sequential part: SEGMENT steps of a C x BK x BV matmul); (2) an exclusive prefix over
+the segments' totals (torch, small); (3) one program per (chunk, batch*head, dv tile) adds its segment's prefix
+to S_c, z_c and computes its outputs. Backward, with g = dout / den and r = -(dout . out) / den:
+    dA = tril(G V^T + r 1^T),  dQ = dA K + G S_c^T + r z_c^T,  dK = dA^T Q + V dS_c^T + 1 dz_c^T,
+    dV = tril(Q K^T)^T G + K dS_c,
+where dS_c = sum_{i after c} q_i g_i^T and dz_c = sum_{i after c} r_i q_i come from the same segmented walk in
+reverse (plus the final state's own gradient, when the final state is used).
+Matmuls take the inputs' dtype (bf16) and accumulate in fp32; den, z and r stay fp32; the chunk states
+are stored in the input dtype (their rounding is that of one bf16 operand). Memory: inputs, outputs and
+n / C states of m x dv, linear in n.
+
+FAVOR+ features phi(x) = exp(s w.x - s^2 |x|^2 / 2 - offset) / sqrt(m), s = d^-1/4, are computed by one
+kernel from x and the projection (the logits never reach memory); the backward is one kernel too:
+dx = s (dl W) - s^2 rowsum(dl) x with dl = dphi * phi. The offsets (a query's own max, the keys' shared max)
+are constants to the gradient: the attention output does not depend on them (they cancel in num / den).
+The floor at e^-30 is not differentiated (the reference's clamp gives those features zero gradient; here they
+get phi * dphi, ~e^-30 of the largest, which changes nothing measurable).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 64  # positions per chunk: the tensor-core tile; the result does not depend on it
+SEGMENT = 16  # chunks per sequential walk: the state scans run one program per segment, in parallel
+LOG_FLOOR = -30.0  # as kernels/linear_attention._LOG_FLOOR
+# launch settings per kernel (num_warps, num_stages); module-level so that a benchmark can try others
+LAUNCH = {"fwd_states": (4, 2), "fwd_out": (4, 1), "bwd_prep": (4, 1), "bwd_states": (4, 2), "bwd_chunk": (4, 1),
+          "favor_fwd": (4, 1), "favor_bwd": (4, 2)}
+
+
+def _p2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(x))
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: no silent TF32 rounding
+
+
+# ------------------------------------------------------------------------------------------ attention, forward
+
+@triton.jit
+def _fwd_states(k, v, h, zs, seg_s, seg_z, N, M, DV, NC, NV,
+                C: tl.constexpr, CPS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Within segment g (CPS chunks): the state before each chunk counted from the segment's start, and the
+    segment's total. The segments' prefix is added by the consumers (a short sequential walk per program)."""
+    i_bh, i_kv, i_g = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    i_k, i_v = i_kv // NV, i_kv % NV
+    ok = i_k * BK + tl.arange(0, BK)
+    ov = i_v * BV + tl.arange(0, BV)
+    mk, mv = ok < M, ov < DV
+    m2 = mk[:, None] & mv[None, :]
+    s = tl.zeros([BK, BV], dtype=tl.float32)
+    z = tl.zeros([BK], dtype=tl.float32)
+    for i in range(tl.minimum(CPS, NC - i_g * CPS)):
+        c = i_g * CPS + i
+        base = (i_bh * NC + c) * M
+        tl.store(h + base * DV + ok[:, None] * DV + ov[None, :], s.to(h.dtype.element_ty), mask=m2)
+        if i_v == 0:
+            tl.store(zs + base + ok, z, mask=mk)
+        p_k = tl.make_block_ptr(k + i_bh * N * M, (N, M), (M, 1), (c * C, i_k * BK), (C, BK), (1, 0))
+        p_v = tl.make_block_ptr(v + i_bh * N * DV, (N, DV), (DV, 1), (c * C, i_v * BV), (C, BV), (1, 0))
+        b_k = tl.load(p_k, boundary_check=(0, 1))
+        b_v = tl.load(p_v, boundary_check=(0, 1))
+        s += tl.dot(tl.trans(b_k), b_v, input_precision=PREC)
+        z += tl.sum(b_k.to(tl.float32), axis=0)
+    sb = (i_bh * tl.num_programs(2) + i_g) * M
+    tl.store(seg_s + sb * DV + ok[:, None] * DV + ov[None, :], s, mask=m2)
+    if i_v == 0:
+        tl.store(seg_z + sb + ok, z, mask=mk)
+
+
+@triton.jit
+def _fwd_out(q, k, v, h, zs, pre_s, pre_z, o, den, N, M, DV, NC, NG,
+             C: tl.constexpr, CPS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    i_c, i_bh, i_v = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    t = tl.arange(0, C)
+    causal = t[:, None] >= t[None, :]
+    a = tl.zeros([C, C], dtype=tl.float32)
+    num = tl.zeros([C, BV], dtype=tl.float32)
+    d = tl.zeros([C], dtype=tl.float32)
+    for i_k in range(tl.cdiv(M, BK)):
+        p_q = tl.make_block_ptr(q + i_bh * N * M, (N, M), (M, 1), (i_c * C, i_k * BK), (C, BK), (1, 0))
+        p_k = tl.make_block_ptr(k + i_bh * N * M, (N, M), (M, 1), (i_c * C, i_k * BK), (C, BK), (1, 0))
+        p_h = tl.make_block_ptr(h + (i_bh * NC + i_c) * M * DV, (M, DV), (DV, 1), (i_k * BK, i_v * BV), (BK, BV),
+                                (1, 0))
+        b_q = tl.load(p_q, boundary_check=(0, 1))
+        b_k = tl.load(p_k, boundary_check=(0, 1))
+        ok = i_k * BK + tl.arange(0, BK)
+        ov = i_v * BV + tl.arange(0, BV)
+        pb = (i_bh * NG + i_c // CPS) * M
+        b_h = tl.load(p_h, boundary_check=(0, 1)).to(tl.float32) + tl.load(
+            pre_s + (pb + ok[:, None]) * DV + ov[None, :], mask=(ok < M)[:, None] & (ov < DV)[None, :],
+            other=0.0).to(tl.float32)
+        b_z = tl.load(zs + (i_bh * NC + i_c) * M + ok, mask=ok < M, other=0.0) + tl.load(
+            pre_z + pb + ok, mask=ok < M, other=0.0)
+        num += tl.dot(b_q, b_h.to(b_q.dtype), input_precision=PREC)
+        d += tl.sum(b_q.to(tl.float32) * b_z[None, :], axis=1)
+        a += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+    a = tl.where(causal, a, 0.0)
+    p_v = tl.make_block_ptr(v + i_bh * N * DV, (N, DV), (DV, 1), (i_c * C, i_v * BV), (C, BV), (1, 0))
+    b_v = tl.load(p_v, boundary_check=(0, 1))
+    num += tl.dot(a.to(b_v.dtype), b_v, input_precision=PREC)
+    d += tl.sum(a, axis=1)
+    # a query that sees no valid key has den 0 (and num 0): zeros, as the reference's clamp gives
+    out = num / tl.maximum(d, 1.1754943508222875e-38)[:, None]
+    p_o = tl.make_block_ptr(o + i_bh * N * DV, (N, DV), (DV, 1), (i_c * C, i_v * BV), (C, BV), (1, 0))
+    tl.store(p_o, out.to(o.dtype.element_ty), boundary_check=(0, 1))
+    if i_v == 0:
+        pos = i_c * C + t
+        tl.store(den + i_bh * N + pos, d, mask=pos < N)
+
+
+# ------------------------------------------------------------------------------------------ attention, backward
+
+@triton.jit
+def _bwd_prep(do, o, den, g, r, N, DV, BN: tl.constexpr, BDV: tl.constexpr):
+    """g = dout / den (input dtype), r = -(dout . out) / den (fp32); 0 where den is 0 (no key seen)."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    rows = i_n * BN + tl.arange(0, BN)
+    cols = tl.arange(0, BDV)
+    m2 = (rows < N)[:, None] & (cols < DV)[None, :]
+    off = i_bh * N * DV + rows[:, None] * DV + cols[None, :]
+    b_do = tl.load(do + off, mask=m2, other=0.0).to(tl.float32)
+    b_o = tl.load(o + off, mask=m2, other=0.0).to(tl.float32)
+    d = tl.load(den + i_bh * N + rows, mask=rows < N, other=0.0)
+    inv = tl.where(d > 0, 1.0 / tl.where(d > 0, d, 1.0), 0.0)
+    tl.store(g + off, (b_do * inv[:, None]).to(g.dtype.element_ty), mask=m2)
+    tl.store(r + i_bh * N + rows, -tl.sum(b_do * b_o, axis=1) * inv, mask=rows < N)
+
+
+@triton.jit
+def _bwd_states(q, g, r, dh, dzs, seg_ds, seg_dz, N, M, DV, NC, NV,
+                C: tl.constexpr, CPS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """dS_c, dz_c within segment g, walked from its last chunk back (the gradient reaching the state before
+    chunk c from the segment's later positions), and the segment's total; the later segments' part (and the
+    final state's own gradient) is added by the consumer."""
+    i_bh, i_kv, i_g = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    i_k, i_v = i_kv // NV, i_kv % NV
+    ok = i_k * BK + tl.arange(0, BK)
+    ov = i_v * BV + tl.arange(0, BV)
+    mk, mv = ok < M, ov < DV
+    m2 = mk[:, None] & mv[None, :]
+    ds = tl.zeros([BK, BV], dtype=tl.float32)
+    dz = tl.zeros([BK], dtype=tl.float32)
+    n_local = tl.minimum(CPS, NC - i_g * CPS)
+    for i in range(n_local):
+        c = i_g * CPS + n_local - 1 - i
+        base = (i_bh * NC + c) * M
+        tl.store(dh + base * DV + ok[:, None] * DV + ov[None, :], ds.to(dh.dtype.element_ty), mask=m2)
+        if i_v == 0:
+            tl.store(dzs + base + ok, dz, mask=mk)
+        p_q = tl.make_block_ptr(q + i_bh * N * M, (N, M), (M, 1), (c * C, i_k * BK), (C, BK), (1, 0))
+        p_g = tl.make_block_ptr(g + i_bh * N * DV, (N, DV), (DV, 1), (c * C, i_v * BV), (C, BV), (1, 0))
+        b_q = tl.load(p_q, boundary_check=(0, 1))
+        b_g = tl.load(p_g, boundary_check=(0, 1))
+        pos = c * C + tl.arange(0, C)
+        b_r = tl.load(r + i_bh * N + pos, mask=pos < N, other=0.0)
+        ds += tl.dot(tl.trans(b_q), b_g, input_precision=PREC)
+        dz += tl.sum(b_q.to(tl.float32) * b_r[:, None], axis=0)
+    sb = (i_bh * tl.num_programs(2) + i_g) * M
+    tl.store(seg_ds + sb * DV + ok[:, None] * DV + ov[None, :], ds, mask=m2)
+    if i_v == 0:
+        tl.store(seg_dz + sb + ok, dz, mask=mk)
+
+
+@triton.jit
+def _bwd_chunk(q, k, v, g, r, h, zs, pre_s, pre_z, dh, dzs, pre_ds, pre_dz, dq, dk, dv, N, M, DV, NC, NG,
+               C: tl.constexpr, CPS: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr):
+    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    t = tl.arange(0, C)
+    pos = i_c * C + t
+    causal = t[:, None] >= t[None, :]
+    p_g = tl.make_block_ptr(g + i_bh * N * DV, (N, DV), (DV, 1), (i_c * C, 0), (C, BDV), (1, 0))
+    p_v = tl.make_block_ptr(v + i_bh * N * DV, (N, DV), (DV, 1), (i_c * C, 0), (C, BDV), (1, 0))
+    b_g = tl.load(p_g, boundary_check=(0, 1))
+    b_v = tl.load(p_v, boundary_check=(0, 1))
+    b_r = tl.load(r + i_bh * N + pos, mask=pos < N, other=0.0)
+    da = tl.where(causal, tl.dot(b_g, tl.trans(b_v), input_precision=PREC) + b_r[:, None], 0.0).to(b_v.dtype)
+    a = tl.zeros([C, C], dtype=tl.float32)
+    for i_k in range(tl.cdiv(M, BK)):
+        p_q = tl.make_block_ptr(q + i_bh * N * M, (N, M), (M, 1), (i_c * C, i_k * BK), (C, BK), (1, 0))
+        p_k = tl.make_block_ptr(k + i_bh * N * M, (N, M), (M, 1), (i_c * C, i_k * BK), (C, BK), (1, 0))
+        a += tl.dot(tl.load(p_q, boundary_check=(0, 1)), tl.trans(tl.load(p_k, boundary_check=(0, 1))),
+                    input_precision=PREC)
+    a = tl.where(causal, a, 0.0).to(b_v.dtype)
+    b_dv = tl.dot(tl.trans(a), b_g, input_precision=PREC)
+    for i_k in range(tl.cdiv(M, BK)):
+        ok = i_k * BK + tl.arange(0, BK)
+        p_q = tl.make_block_ptr(q + i_bh * N * M, (N, M), (M, 1), (i_c * C, i_k * BK), (C, BK), (1, 0))
+        p_k = tl.make_block_ptr(k + i_bh * N * M, (N, M), (M, 1), (i_c * C, i_k * BK), (C, BK), (1, 0))
+        hb = (i_bh * NC + i_c) * M
+        p_h = tl.make_block_ptr(h + hb * DV, (M, DV), (DV, 1), (i_k * BK, 0), (BK, BDV), (1, 0))
+        p_dh = tl.make_block_ptr(dh + hb * DV, (M, DV), (DV, 1), (i_k * BK, 0), (BK, BDV), (1, 0))
+        b_q = tl.load(p_q, boundary_check=(0, 1))
+        b_k = tl.load(p_k, boundary_check=(0, 1))
+        # the chunk's states: segment-local part + the other segments' part (fp32, small)
+        pb = (i_bh * NG + i_c // CPS) * M
+        od = tl.arange(0, BDV)
+        pm = (ok < M)[:, None] & (od < DV)[None, :]
+        po = (pb + ok[:, None]) * DV + od[None, :]
+        b_h = (tl.load(p_h, boundary_check=(0, 1)).to(tl.float32)
+               + tl.load(pre_s + po, mask=pm, other=0.0).to(tl.float32)).to(b_q.dtype)
+        b_dh = (tl.load(p_dh, boundary_check=(0, 1)).to(tl.float32)
+                + tl.load(pre_ds + po, mask=pm, other=0.0).to(tl.float32)).to(b_q.dtype)
+        b_z = tl.load(zs + hb + ok, mask=ok < M, other=0.0) + tl.load(pre_z + pb + ok, mask=ok < M, other=0.0)
+        b_dz = tl.load(dzs + hb + ok, mask=ok < M, other=0.0) + tl.load(pre_dz + pb + ok, mask=ok < M, other=0.0)
+        b_dq = tl.dot(da, b_k, input_precision=PREC) + tl.dot(b_g, tl.trans(b_h), input_precision=PREC)
+        b_dq += b_r[:, None] * b_z[None, :]
+        b_dk = tl.dot(tl.trans(da), b_q, input_precision=PREC) + tl.dot(b_v, tl.trans(b_dh), input_precision=PREC)
+        b_dk += b_dz[None, :]
+        b_dv += tl.dot(b_k, b_dh, input_precision=PREC)
+        p_dq = tl.make_block_ptr(dq + i_bh * N * M, (N, M), (M, 1), (i_c * C, i_k * BK), (C, BK), (1, 0))
+        p_dk = tl.make_block_ptr(dk + i_bh * N * M, (N, M), (M, 1), (i_c * C, i_k * BK), (C, BK), (1, 0))
+        tl.store(p_dq, b_dq.to(dq.dtype.element_ty), boundary_check=(0, 1))
+        tl.store(p_dk, b_dk.to(dk.dtype.element_ty), boundary_check=(0, 1))
+    p_dv = tl.make_block_ptr(dv + i_bh * N * DV, (N, DV), (DV, 1), (i_c * C, 0), (C, BDV), (1, 0))
+    tl.store(p_dv, b_dv.to(dv.dtype.element_ty), boundary_check=(0, 1))
+
+
+def _launch(kernel, name, grid, *args, **meta):
+    warps, stages = LAUNCH[name]
+    kernel[grid](*args, num_warps=warps, num_stages=stages, **meta)
+
+
+def _exclusive_prefix(tot, init):
+    """(bh, G, ...) segment totals -> the sum of the earlier segments' totals plus `init`, for each segment."""
+    pre = torch.cat([torch.zeros_like(tot[:, :1]), tot[:, :-1].cumsum(1)], 1)
+    return pre if init is None else pre + init[:, None]
+
+
+class _CausalLinearAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, s0, z0, chunk, segment):
+        bh, n, m = q.shape
+        dv = v.shape[-1]
+        nc = triton.cdiv(n, chunk)
+        ng = triton.cdiv(nc, segment)
+        bk, bv = min(64, _p2(m)), min(128, _p2(dv))  # a whole value row per program: k and q are read once
+        nk, nv = triton.cdiv(m, bk), triton.cdiv(dv, bv)
+        f32 = dict(device=q.device, dtype=torch.float32)
+        h = torch.empty(bh, nc, m, dv, device=q.device, dtype=q.dtype)
+        zs = torch.empty(bh, nc, m, **f32)
+        seg_s, seg_z = torch.empty(bh, ng, m, dv, **f32), torch.empty(bh, ng, m, **f32)
+        prec = _prec(q.dtype)
+        _launch(_fwd_states, "fwd_states", (bh, nk * nv, ng), k, v, h, zs, seg_s, seg_z, n, m, dv, nc, nv,
+                C=chunk, CPS=segment, BK=bk, BV=bv, PREC=prec)
+        pre_s, pre_z = _exclusive_prefix(seg_s, s0), _exclusive_prefix(seg_z, z0)
+        s_final, z_final = pre_s[:, -1] + seg_s[:, -1], pre_z[:, -1] + seg_z[:, -1]
+        pre_s = pre_s.to(q.dtype)  # rounded as the chunk states are; read by every chunk of the segment
+        o = torch.empty_like(v)
+        den = torch.empty(bh, n, **f32)
+        bvo = min(128, _p2(dv))
+        _launch(_fwd_out, "fwd_out", (nc, bh, triton.cdiv(dv, bvo)), q, k, v, h, zs, pre_s, pre_z, o, den, n, m, dv,
+                nc, ng, C=chunk, CPS=segment, BK=bk, BV=bvo, PREC=prec)
+        ctx.save_for_backward(q, k, v, o, den, h, zs, pre_s, pre_z)
+        ctx.chunk, ctx.segment, ctx.use_h0 = chunk, segment, s0 is not None
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(den)
+        return o, s_final, z_final
+
+    @staticmethod
+    def backward(ctx, do, ds_final, dz_final):
+        q, k, v, o, den, h, zs, pre_s, pre_z = ctx.saved_tensors
+        chunk, segment = ctx.chunk, ctx.segment
+        bh, n, m = q.shape
+        dv = v.shape[-1]
+        nc = triton.cdiv(n, chunk)
+        ng = triton.cdiv(nc, segment)
+        f32 = dict(device=q.device, dtype=torch.float32)
+        g = torch.empty_like(v)
+        r = torch.empty(bh, n, **f32)
+        if do is None:
+            g.zero_()
+            r.zero_()
+        else:
+            _launch(_bwd_prep, "bwd_prep", (triton.cdiv(n, 64), bh), do.contiguous(), o, den, g, r, n, dv,
+                    BN=64, BDV=_p2(dv))
+        bk, bv = min(64, _p2(m)), min(128, _p2(dv))  # a whole value row per program: k and q are read once
+        nk, nv = triton.cdiv(m, bk), triton.cdiv(dv, bv)
+        dh = torch.empty_like(h)
+        dzs = torch.empty_like(zs)
+        seg_ds, seg_dz = torch.empty(bh, ng, m, dv, **f32), torch.empty(bh, ng, m, **f32)
+        prec = _prec(q.dtype)
+        _launch(_bwd_states, "bwd_states", (bh, nk * nv, ng), q, g, r, dh, dzs, seg_ds, seg_dz, n, m, dv, nc, nv,
+                C=chunk, CPS=segment, BK=bk, BV=bv, PREC=prec)
+        # the later segments' part, walked backwards: an exclusive prefix over the flipped segments
+        pre_ds = _exclusive_prefix(seg_ds.flip(1), None if ds_final is None else ds_final.float()).flip(1)
+        pre_dz = _exclusive_prefix(seg_dz.flip(1), None if dz_final is None else dz_final.float()).flip(1)
+        dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _launch(_bwd_chunk, "bwd_chunk", (nc, bh), q, k, v, g, r, h, zs, pre_s, pre_z, dh, dzs,
+                pre_ds.to(q.dtype).contiguous(), pre_dz.contiguous(), dq, dk, dvv, n, m, dv, nc, ng,
+                C=chunk, CPS=segment, BK=bk, BDV=_p2(dv), PREC=prec)
+        ds0 = dz0 = None
+        if ctx.use_h0:  # the initial state reaches every position: the gradient of the whole first segment on
+            ds0, dz0 = pre_ds[:, 0] + seg_ds[:, 0], pre_dz[:, 0] + seg_dz[:, 0]
+        return dq, dk, dvv, ds0, dz0, None, None
+
+
+def causal_linear_attention(phi_q, phi_k, v, state=None, chunk: int = CHUNK, segment: int = SEGMENT):
+    """Causal linear attention from features, as kernels.linear_attention.linear_attention(causal=True):
+    phi_q, phi_k (b, h, n, m) with padded keys zero, v (b, h, n, dv), state (S (b, h, m, dv), z (b, h, m)) or
+    None. Computes in v's dtype (bf16/fp16 -> bf16 matmuls with fp32 accumulation; fp32 -> fp32 matmuls).
+    Returns (out (b, h, n, dv) in v's dtype, (S, z) fp32 final state); differentiable in all of them."""
+    b, hh, n, m = phi_q.shape
+    dv = v.shape[-1]
+    dt = torch.bfloat16 if v.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    q, k, vv = (t.to(dt).reshape(b * hh, n, t.shape[-1]).contiguous() for t in (phi_q, phi_k, v))
+    s0 = z0 = None
+    if state is not None:
+        s0 = state[0].float().reshape(b * hh, m, dv).contiguous()
+        z0 = state[1].float().reshape(b * hh, m).contiguous()
+    o, s, z = _CausalLinearAttention.apply(q, k, vv, s0, z0, chunk, segment)
+    return o.reshape(b, hh, n, dv).to(v.dtype), (s.reshape(b, hh, m, dv), z.reshape(b, hh, m))
+
+
+# ------------------------------------------------------------------------------------------ FAVOR+ features
+
+@triton.jit
+def _favor_logits(b_x, sq, w, i_m, D, M, scale_x, BD: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
+    """Logits of a row tile against features [i_m * BM, (i_m + 1) * BM); features past M are -inf."""
+    cd, cm = tl.arange(0, BD), i_m * BM + tl.arange(0, BM)
+    b_w = tl.load(w + cm[:, None] * D + cd[None, :], mask=(cm < M)[:, None] & (cd < D)[None, :], other=0.0)
+    # x itself goes into the matmul (exact in its dtype), the scale s = d^-1/4 comes after, in fp32
+    logit = tl.dot(b_x, tl.trans(b_w), input_precision=PREC) * scale_x - sq[:, None]
+    return tl.where((cm < M)[None, :], logit, float("-inf"))
+
+
+@triton.jit
+def _favor_fwd(x, w, off, phi, rowmax, N, D, M, scale_x, scale_phi,
+               BN: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
+               FLOOR: tl.constexpr):
+    """MODE 0: query features, each row minus its own max. MODE 1: only the keys' row max (for the shared
+    offset). MODE 2: key features minus the per-(batch, head) offset `off`. Features in tiles of BM: a row's
+    max takes one pass over them, the features another (the matmul is recomputed: cheaper than storing)."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    rows = i_n * BN + tl.arange(0, BN)
+    cd = tl.arange(0, BD)
+    mr = rows < N
+    b_x = tl.load(x + i_bh * N * D + rows[:, None] * D + cd[None, :], mask=mr[:, None] & (cd < D)[None, :],
+                  other=0.0)
+    xf = b_x.to(tl.float32)
+    sq = (0.5 * scale_x * scale_x) * tl.sum(xf * xf, axis=1)
+    if MODE == 2:
+        shift = tl.zeros([BN], dtype=tl.float32) + tl.load(off + i_bh)
+    else:
+        shift = tl.full([BN], float("-inf"), dtype=tl.float32)
+        for i_m in range(tl.cdiv(M, BM)):
+            logit = _favor_logits(b_x, sq, w, i_m, D, M, scale_x, BD, BM, PREC)
+            shift = tl.maximum(shift, tl.max(logit, axis=1))
+    if MODE == 1:
+        tl.store(rowmax + i_bh * N + rows, shift, mask=mr)
+    else:
+        for i_m in range(tl.cdiv(M, BM)):
+            logit = _favor_logits(b_x, sq, w, i_m, D, M, scale_x, BD, BM, PREC)
+            f = tl.exp(tl.maximum(logit - shift[:, None], FLOOR)) * scale_phi
+            cm = i_m * BM + tl.arange(0, BM)
+            tl.store(phi + i_bh * N * M + rows[:, None] * M + cm[None, :], f.to(phi.dtype.element_ty),
+                     mask=mr[:, None] & (cm < M)[None, :])
+
+
+@triton.jit
+def _favor_bwd(x, w, phi, dphi, dx, N, D, M, scale_x,
+               BN: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
+    i_n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    rows = i_n * BN + tl.arange(0, BN)
+    cd = tl.arange(0, BD)
+    mr, md = rows < N, cd < D
+    acc = tl.zeros([BN, BD], dtype=tl.float32)
+    rs = tl.zeros([BN], dtype=tl.float32)
+    for i_m in range(tl.cdiv(M, BM)):
+        cm = i_m * BM + tl.arange(0, BM)
+        mf = mr[:, None] & (cm < M)[None, :]
+        off_f = i_bh * N * M + rows[:, None] * M + cm[None, :]
+        dl = (tl.load(dphi + off_f, mask=mf, other=0.0).to(tl.float32)
+              * tl.load(phi + off_f, mask=mf, other=0.0).to(tl.float32))
+        b_w = tl.load(w + cm[:, None] * D + cd[None, :], mask=(cm < M)[:, None] & md[None, :], other=0.0)
+        rs += tl.sum(dl, axis=1)
+        acc += tl.dot(dl.to(b_w.dtype), b_w, input_precision=PREC)
+    mx = mr[:, None] & md[None, :]
+    off_x = i_bh * N * D + rows[:, None] * D + cd[None, :]
+    xf = tl.load(x + off_x, mask=mx, other=0.0).to(tl.float32)
+    g = acc * scale_x - (scale_x * scale_x) * rs[:, None] * xf
+    tl.store(dx + off_x, g.to(dx.dtype.element_ty), mask=mx)
+
+
+def _favor_meta(x, w):
+    n, d, m = x.shape[1], x.shape[2], w.shape[0]
+    return n, d, m, dict(BN=64, BD=_p2(d), BM=min(64, _p2(m)), PREC=_prec(x.dtype))
+
+
+class _FavorFeatures(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, offset):
+        n, d, m, meta = _favor_meta(x, w)
+        bh = x.shape[0]
+        phi = torch.empty(bh, n, m, device=x.device, dtype=x.dtype)
+        _launch(_favor_fwd, "favor_fwd", (triton.cdiv(n, meta["BN"]), bh), x, w, offset if offset is not None else phi,
+                phi, phi, n, d, m, d ** -0.25, m ** -0.5, MODE=0 if offset is None else 2, FLOOR=LOG_FLOOR, **meta)
+        ctx.save_for_backward(x, w, phi)
+        return phi
+
+    @staticmethod
+    def backward(ctx, dphi):
+        x, w, phi = ctx.saved_tensors
+        n, d, m, meta = _favor_meta(x, w)
+        dx = torch.empty_like(x)
+        _launch(_favor_bwd, "favor_bwd", (triton.cdiv(n, meta["BN"]), x.shape[0]), x, w, phi, dphi.contiguous(), dx,
+                n, d, m, d ** -0.25, **meta)
+        return dx, None, None
+
+
+def favor_key_row_max(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(bh, n, d) keys -> (bh, n) fp32: each key's largest logit (the offset is their max over valid keys)."""
+    n, d, m, meta = _favor_meta(x, w)
+    out = torch.empty(x.shape[0], n, device=x.device, dtype=torch.float32)
+    _launch(_favor_fwd, "favor_fwd", (triton.cdiv(n, meta["BN"]), x.shape[0]), x, w, out, out, out, n, d, m,
+            d ** -0.25, m ** -0.5, MODE=1, FLOOR=LOG_FLOOR, **meta)
+    return out
+
+
+def favor_features(x: torch.Tensor, projection: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """FAVOR+ features of x (b, h, n, d) in x's dtype (fp16 -> bf16): offset None -> each row minus its own
+    max (queries); else minus offset (b, h, 1, 1), one constant per (batch, head) (keys)."""
+    b, hh, n, d = x.shape
+    dt = torch.bfloat16 if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    xx = x.to(dt).reshape(b * hh, n, d).contiguous()
+    w = projection.to(dt).contiguous()  # bf16 rows are just another draw of nearly the same directions
+    off = None if offset is None else offset.float().expand(b, hh, 1, 1).reshape(b * hh).contiguous()
+    return _FavorFeatures.apply(xx, w, off).reshape(b, hh, n, -1)
+
+
+def favor_row_max(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    b, hh, n, d = x.shape
+    dt = torch.bfloat16 if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    with torch.no_grad():
+        out = favor_key_row_max(x.to(dt).reshape(b * hh, n, d).contiguous(), projection.to(dt).contiguous())
+    return out.reshape(b, hh, n)
+
+
+# ------------------------------------------------------------------------------------------ elu + 1 features
+
+@triton.jit
+def _elu_fwd(x, phi, T, BLOCK: tl.constexpr, FLOOR: tl.constexpr):
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    xf = tl.load(x + o, mask=o < T, other=0.0).to(tl.float32)
+    f = tl.where(xf > 0, xf + 1.0, tl.exp(tl.maximum(tl.minimum(xf, 0.0), FLOOR)))
+    tl.store(phi + o, f.to(phi.dtype.element_ty), mask=o < T)
+
+
+@triton.jit
+def _elu_bwd(x, dphi, dx, T, BLOCK: tl.constexpr, FLOOR: tl.constexpr):
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    xf = tl.load(x + o, mask=o < T, other=0.0).to(tl.float32)
+    d = tl.load(dphi + o, mask=o < T, other=0.0).to(tl.float32)
+    slope = tl.where(xf > 0, 1.0, tl.where(xf > FLOOR, tl.exp(tl.minimum(xf, 0.0)), 0.0))
+    tl.store(dx + o, (d * slope).to(dx.dtype.element_ty), mask=o < T)
+
+
+class _EluFeatures(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        phi = torch.empty_like(x)
+        _elu_fwd[(triton.cdiv(x.numel(), 1024),)](x, phi, x.numel(), BLOCK=1024, FLOOR=LOG_FLOOR)
+        ctx.save_for_backward(x)
+        return phi
+
+    @staticmethod
+    def backward(ctx, dphi):
+        (x,) = ctx.saved_tensors
+        dx = torch.empty_like(x)
+        _elu_bwd[(triton.cdiv(x.numel(), 1024),)](x, dphi.contiguous(), dx, x.numel(), BLOCK=1024, FLOOR=LOG_FLOOR)
+        return dx
+
+
+def elu_features(x: torch.Tensor) -> torch.Tensor:
+    """elu(x) + 1 (floored at e^-30 as the torch version), one kernel each way, in x's dtype (fp16 -> bf16)."""
+    dt = torch.bfloat16 if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return _EluFeatures.apply(x.to(dt).contiguous())
