@@ -13,6 +13,7 @@ Two more modes, by their first word (a directory named like them is reached as .
 
     python scripts/compare.py results [out=docs/results.md]      # the results page: every comparison
     python scripts/compare.py mqar DIR [DIR ...] [out=PATH]       # MQAR: pivot core x pairs per width + plot
+    python scripts/compare.py xl_memory JSON [out=PATH]           # Transformer-XL: bpb vs evaluation memory + plot
 
 (scripts/results_page.py documents both.)
 """
@@ -127,10 +128,15 @@ def plot(runs: list[dict], path: Path) -> bool:
     return True
 
 
-MODES = ("results", "mqar")
+MODES = ("results", "mqar", "xl_memory")
 
 
 def main(argv: list[str]):
+    if argv and argv[0] == "xl_memory":  # xl_memory.py runs as a script: its imports resolve from scripts/
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import xl_memory
+
+        return xl_memory.compare_main(argv[1:])
     if argv and argv[0] in MODES:
         from scripts import results_page
 

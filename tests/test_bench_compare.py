@@ -126,6 +126,23 @@ def test_compare_without_runs_errors_clearly(tmp_path):
     assert not (tmp_path / "compare.md").exists()
 
 
+def test_compare_xl_memory_table_gain_and_plot(tmp_path, capsys):
+    rows = [{"ckpt": "a", "model": "transformer_xl", "params": 3506000, "segment": 128, "bpb_mem0x": 2.66,
+             "bpb_mem1x": 2.59, "bpb_mem2x": 2.5, "bpb_mem4x": 2.6},
+            {"ckpt": "b", "model": "gpt_ctx", "params": 3504000, "segment": 128, "bpb_mem0x": 3.1}]
+    (tmp_path / "xl.json").write_text(json.dumps(rows))
+    compare.main(["xl_memory", str(tmp_path / "xl.json"), f"out={tmp_path / 'rep'}"])
+    md = (tmp_path / "rep.md").read_text()
+    assert "| transformer_xl | 3.51M | 128 | 2.6600 | 2.5900 | 2.5000 | 2.6000 |" in md
+    assert "| gpt_ctx | 3.50M | 128 | 3.1000 | - | - | - |" in md
+    assert "0x->1x: +0.0700, 1x->2x: +0.0900, 2x->4x: -0.1000" in md and "Dai et al. 2019" in md
+    assert (tmp_path / "rep.png").stat().st_size > 0 and (tmp_path / "rep.csv").exists()
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        compare.main(["xl_memory", str(tmp_path / "nosuch.json")])
+    with pytest.raises(ValueError, match="usage: compare.py xl_memory"):
+        compare.main(["xl_memory", "bogus=1"])
+
+
 def test_compare_corrupt_file_is_named(tmp_path):
     (tmp_path / "0_a").mkdir()
     (tmp_path / "0_a" / "metrics.json").write_text("{not json")
