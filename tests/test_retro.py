@@ -202,3 +202,10 @@ def test_debug_smoke_builds_a_tiny_database_and_trains(tmp_path, retrieval):
     for key in ("val/bpb", "val/bpb_novel", "val/near_dup_frac"):
         assert np.isfinite(metrics[key]), key
     assert metrics["val/loss"] < np.log(cfg.model.vocab_size)  # learned something in 20 steps
+    import zoo  # the checkpoint rebuilds the same model, retrieval and all
+
+    net, mcfg = zoo.load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert mcfg.retrieval == retrieval and mcfg.chunk_len == 16
+    x = torch.randint(0, 256, (1, 64))
+    kw = {"neighbours": torch.randint(0, 256, (1, 4, 2, 32))} if retrieval else {}
+    assert net(x, **kw).shape == (1, 64, mcfg.vocab_size)
