@@ -407,11 +407,13 @@ def sections() -> list[tuple]:
          "GPU configuration of the experiment, not run yet."),
         ("Transformer-XL: memory and cached evaluation",
          ["python train.py experiment=xl_memory xl_memory=xl trainer.max_steps=300   # and xl_memory=gpt",
-          "python scripts/xl_memory.py ckpts=[<xl>/checkpoints/last.ckpt,<gpt>/checkpoints/last.ckpt]",
+          "python scripts/xl_memory.py ckpts=[<xl>/checkpoints/last.ckpt,<gpt>/checkpoints/last.ckpt] out=xl.json",
+          "python scripts/compare.py xl_memory xl.json out=docs/results/xl_memory_cpu     # table + plot",
           "OMP_NUM_THREADS=1 python scripts/bench_xl.py"],
-         "Bits per byte on the validation split as the evaluation memory grows (300 steps, CPU), and cached "
-         "evaluation against recomputing the context (CPU), from [docs/transformer_xl.md](transformer_xl.md):\n\n"
-         + table(DOCS / "transformer_xl.md", "bpb mem") + "\n\n"
+         "Bits per byte on the validation split as the evaluation memory grows (300 steps, CPU; plot: "
+         + links("results/xl_memory_cpu.png") + "), and cached evaluation against recomputing the context (CPU), "
+         "from [docs/transformer_xl.md](transformer_xl.md):\n\n"
+         + table(R / "xl_memory_cpu.md", "bpb mem") + "\n\n"
          + table(DOCS / "transformer_xl.md", "attention length"),
          "Dai et al. 2019 (Transformer-XL): evaluation 363x / 773x / 1,874x faster than recomputing at attention "
          "lengths 800 / 1,800 / 3,800 (the last column above); the memory lets the model use context several times "
