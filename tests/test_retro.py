@@ -209,3 +209,15 @@ def test_debug_smoke_builds_a_tiny_database_and_trains(tmp_path, retrieval):
     x = torch.randint(0, 256, (1, 64))
     kw = {"neighbours": torch.randint(0, 256, (1, 4, 2, 32))} if retrieval else {}
     assert net(x, **kw).shape == (1, 64, mcfg.vocab_size)
+
+
+def test_the_retriever_is_a_config_group(tmp_path):
+    from helpers import make_cfg
+
+    assert make_cfg(tmp_path, "model=retro").data.embedder._target_.endswith("histogram_projection_embedder")
+    cfg = make_cfg(tmp_path, "model=retro", "retro_embedder=bert", "data.embedder.ckpt=/some/bert.ckpt")
+    assert cfg.data.embedder._target_ == "zoo.models.retro.frozen_bert_embedder"
+    assert cfg.data.embedder.ckpt == "/some/bert.ckpt"
+    # the GPT arm of experiment=retro_gain reads the same data with the same retriever
+    gpt = make_cfg(tmp_path, "model=gpt", "data=retro")
+    assert gpt.data._target_ == "data.retro.RetroDataModule" and not gpt.data.retrieve
