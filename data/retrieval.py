@@ -321,33 +321,41 @@ def _search_excluding(db: RetrievalDatabase, queries: np.ndarray, exclude: Optio
 
 
 def neighbours(db: RetrievalDatabase, k: int = 2, margin: Optional[int] = None,
-               batch_size: int = 4096, cache: bool = True):
+               batch_size: int = 4096, cache: bool = True, tokens: bool = True):
     """Neighbours of every database chunk, from other documents only (no leakage of its own doc).
 
     Returns ``ids (n_chunks, k) int64`` (-1 where fewer than k other-document chunks exist) and
     ``tokens (n_chunks, k, 2 * chunk_len) int64`` (neighbour chunk + its continuation, padded with
-    ``pad_id``). Cached in ``db.path`` per (k, index); a second call loads the cache.
+    ``pad_id``), or None with ``tokens=False``: the ids alone are 1 / (2 * chunk_len) of the tokens' size, and
+    ``db.neighbour_tokens(ids)`` gathers the tokens of a few rows when they are needed (the data module does).
+    Cached in ``db.path`` per (k, index); a second call loads the cache.
     """
     _check(isinstance(k, int) and k > 0, "k", f"must be a positive int, got {k!r}")
     _check(margin is None or (isinstance(margin, int) and margin >= 0), "margin", f"must be a non-negative int, got {margin!r}")
     _check(isinstance(batch_size, int) and batch_size > 0, "batch_size", f"must be a positive int, got {batch_size!r}")
     stem = db.path / f"neighbours_k{k}_{db.index_tag}_p{db.nprobe}"
     ids_path, tok_path = Path(f"{stem}_ids.npy"), Path(f"{stem}_tokens.npy")
-    if cache and ids_path.exists() and tok_path.exists():
-        return np.load(ids_path), np.load(tok_path, mmap_mode="r")
-    if margin is None:
-        # expected same-doc hits scale with the longest document's chunk count
-        margin = int(min(np.bincount(db.doc_ids).max(), 64)) + k
-    n = len(db)
-    ids = np.empty((n, k), dtype=np.int64)
-    for lo in range(0, n, batch_size):
-        hi = min(n, lo + batch_size)
-        ids[lo:hi] = _search_excluding(db, np.asarray(db.embeddings[lo:hi]), db.doc_ids[lo:hi], k, margin)
-    tokens = db.neighbour_tokens(ids)
+    if cache and ids_path.exists():
+        ids = np.load(ids_path)
+    else:
+        if margin is None:
+            # expected same-doc hits scale with the longest document's chunk count
+            margin = int(min(np.bincount(db.doc_ids).max(), 64)) + k
+        n = len(db)
+        ids = np.empty((n, k), dtype=np.int64)
+        for lo in range(0, n, batch_size):
+            hi = min(n, lo + batch_size)
+            ids[lo:hi] = _search_excluding(db, np.asarray(db.embeddings[lo:hi]), db.doc_ids[lo:hi], k, margin)
+        if cache:
+            _atomic_save_npy(ids_path, ids)
+    if not tokens:
+        return ids, None
+    if cache and tok_path.exists():
+        return ids, np.load(tok_path, mmap_mode="r")
+    toks = db.neighbour_tokens(ids)
     if cache:
-        _atomic_save_npy(tok_path, tokens)
-        _atomic_save_npy(ids_path, ids)
-    return ids, tokens
+        _atomic_save_npy(tok_path, toks)
+    return ids, toks
 
 
 def query(db: RetrievalDatabase, token_chunks, k: int = 2, embed_fn: Optional[EmbedFn] = None,

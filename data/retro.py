@@ -60,6 +60,17 @@ def chunk_overlap(chunks: np.ndarray, previous_neighbours: np.ndarray, n: int, p
     return out
 
 
+class _Gathered:
+    """Neighbour tokens gathered from the database per slice of neighbour ids: the cache holds ids (16 bytes per
+    chunk at k = 2) rather than tokens (2 KiB per chunk), and a batch gathers a few rows."""
+
+    def __init__(self, db, ids: np.ndarray):
+        self.db, self.ids = db, ids
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self.db.neighbour_tokens(self.ids[rows])
+
+
 class _ChunkedSequences(Dataset):
     """Sequences of `n_chunks` consecutive chunks, their labels, neighbours and (validation) chunk overlaps."""
 
@@ -131,7 +142,7 @@ class RetroDataModule(_CorpusDataModule):
 
     def prepare_data(self):
         db = self.database()
-        neighbours(db, self.k)
+        neighbours(db, self.k, tokens=False)
         self._validation()
 
     def _validation(self):
@@ -141,20 +152,21 @@ class RetroDataModule(_CorpusDataModule):
         tok = self.load_tokenizer()
         chunks = chunk_documents(split_documents(val, tok.eos_id), self.chunk_len, tok.pad_id)[0]
         key = hashlib.sha1(chunks.tobytes() + f"{self.k}-{self.overlap_ngram}".encode()).hexdigest()[:12]
-        nb_path = db.path / f"val_{key}_{db.index_tag}_p{db.nprobe}_tokens.npy"
-        ov_path = nb_path.with_name(nb_path.name.replace("_tokens", "_overlap"))
-        if not nb_path.exists() or not ov_path.exists():
-            nb = np.concatenate([query(db, chunks[i: i + 4096], self.k)[1] for i in range(0, len(chunks), 4096)])
+        ids_path = db.path / f"val_{key}_{db.index_tag}_p{db.nprobe}_ids.npy"
+        ov_path = ids_path.with_name(ids_path.name.replace("_ids", "_overlap"))
+        if not ids_path.exists() or not ov_path.exists():
+            ids = np.concatenate([query(db, chunks[i: i + 4096], self.k)[0] for i in range(0, len(chunks), 4096)])
+            nb = db.neighbour_tokens(ids)
             prev = np.concatenate([np.full_like(nb[:1], tok.pad_id), nb[:-1]])  # chunk u reads u - 1's neighbours
             _save_atomic(ov_path, chunk_overlap(chunks, prev, self.overlap_ngram, tok.pad_id))
-            _save_atomic(nb_path, nb)
-        return chunks, np.load(nb_path, mmap_mode="r"), np.load(ov_path)
+            _save_atomic(ids_path, ids)
+        return chunks, _Gathered(db, np.load(ids_path)), np.load(ov_path)
 
     def setup(self, stage=None):
         db = self.database()
         pad = self.load_tokenizer().pad_id
         n_chunks = self.seq_len // self.chunk_len
-        train_nb = neighbours(db, self.k)[1] if self.retrieve else None
+        train_nb = _Gathered(db, neighbours(db, self.k, tokens=False)[0]) if self.retrieve else None
         self.train_set = _ChunkedSequences(db.chunks, pad, n_chunks, train_nb)
         val_chunks, val_nb, overlap = self._validation()
         self.val_set = _ChunkedSequences(val_chunks, pad, n_chunks, val_nb if self.retrieve else None, overlap)

@@ -58,7 +58,7 @@ def bench_build(stream, eos_id, pad_id, n_tokens, args) -> dict:
         db = build_database(docs, embed, tmp, chunk_len=args["chunk_len"], pad_id=pad_id, index="auto")
         t_build = time.perf_counter() - t0
         t2 = time.perf_counter()
-        neighbours(db, args["k"])
+        neighbours(db, args["k"], tokens=False)  # what the data module keeps: ids; tokens are gathered per batch
         t_search = time.perf_counter() - t2
         size = sum(f.stat().st_size for f in db.path.iterdir() if f.is_file())
         one = [db.chunks[i] for i in range(min(args["queries"], len(db)))]

@@ -201,3 +201,11 @@ def test_bad_search_arguments_name_the_field(tmp_path):
     db.embed_fn = None
     with pytest.raises(ValueError, match="embed_fn"):
         query(db, np.zeros((1, L), dtype=np.int64), k=1)
+
+
+def test_neighbour_ids_alone_then_tokens_from_the_same_search(tmp_path):
+    db = build_database(_corpus(), histogram_projection_embedder(V), tmp_path, chunk_len=L, index="flat")
+    ids, none = neighbours(db, k=2, tokens=False)
+    assert none is None and not list(db.path.glob("neighbours_*_tokens.npy"))
+    ids2, toks = neighbours(db, k=2)  # reuses the cached ids, adds the tokens
+    assert np.array_equal(ids, ids2) and np.array_equal(toks, db.neighbour_tokens(ids))

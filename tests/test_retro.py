@@ -178,6 +178,10 @@ def test_retro_data_module_on_a_tiny_corpus(tmp_path):
     nb_ids, _ = neighbours(ids, 2)
     assert (ids.doc_ids[nb_ids[nb_ids >= 0]] != np.repeat(ids.doc_ids, 2)[(nb_ids >= 0).ravel()]).all()
     assert 0.0 <= dm.near_dup_fraction <= 1.0 and "chunk_overlap" in dm.val_set[(0, 0, 0)]
+    # the batches gather the neighbours' tokens from the cached ids: the same as the database's own tokens
+    _, toks = neighbours(ids, 2)
+    assert np.array_equal(item["neighbours"].numpy(), toks[4:8])
+    assert not list(ids.path.glob("val_*_tokens.npy"))
     off = RetroDataModule(**kw, retrieve=False)
     off.setup()
     assert "neighbours" not in off.train_set[(0, 1, 0)]
