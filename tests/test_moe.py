@@ -238,7 +238,8 @@ def test_bench_moe_tiny_writes_its_tables(tmp_path):
     assert (tmp_path / "bench_moe.md").read_text().count("|") > 20 and (tmp_path / "bench_moe.csv").exists()
 
 
-@pytest.mark.parametrize("overrides", [["model=mixtral"], ["model=gpt", "ffn=moe", "model.moe_z_coef=0.001"]])
+@pytest.mark.parametrize("overrides", [["model=mixtral"], ["model=gpt", "ffn=moe", "model.moe_z_coef=0.001"],
+                                       ["model=retro", "ffn=moe"]])
 def test_smoke_training_with_moe(tmp_path, overrides):
     cfg = make_cfg(tmp_path, *overrides, "logger=csv", "trainer.max_steps=12", "trainer.val_check_interval=6")
     metrics = train_script.train(cfg)
@@ -255,6 +256,14 @@ def test_smoke_training_with_moe(tmp_path, overrides):
     assert mcfg.ffn == "moe"
     out = model.generate(torch.tensor([[100, 101]]), 4, temperature=0)
     assert out.shape == (1, 6)
+
+
+def test_every_task_adds_the_routing_loss(tmp_path):
+    """Classification (not only language modelling) trains an MoE model with its load-balancing loss."""
+    cfg = make_cfg(tmp_path, "model=bert", "task=classification", "ffn=moe", "logger=csv", "trainer.max_steps=4",
+                   "trainer.val_check_interval=4")
+    metrics = train_script.train(cfg)
+    assert metrics["train/moe_aux"] > 0
 
 
 def test_moe_vs_dense_arms_have_the_parameters_they_claim(tmp_path):

@@ -151,6 +151,17 @@ class ZooTask(pl.LightningModule):
         if self._host_loss is not None:
             self.log("loss", _host(self._host_loss), on_step=True, on_epoch=False, prog_bar=True, logger=False)
 
+    def training_loss(self, loss: torch.Tensor, tokens: int) -> torch.Tensor:
+        """What every training step ends with: log the task loss (comparable with dense models) and the speed, then
+        add the MoE routing losses from the statistics the forward left behind (none without MoE layers)."""
+        self.log_train_loss(loss)
+        self.log_speed(tokens)
+        aux = self.net.aux_loss()
+        if aux is not None:
+            self.log_moe(aux)
+            loss = loss + aux
+        return loss
+
     def log_speed(self, tokens: int) -> None:
         """tokens/s, MFU and peak memory, from rank-local figures (all ranks run the same shapes)."""
         if self._peak is None:

@@ -22,10 +22,8 @@ class SequenceClassification(ZooTask):
 
     def training_step(self, batch, batch_idx):
         loss, acc = self._step(batch)
-        self.log_train_loss(loss)
         self.log("train/acc", acc, on_step=True, on_epoch=False)
-        self.log_speed(batch["input_ids"].numel())
-        return loss
+        return self.training_loss(loss, batch["input_ids"].numel())
 
     def validation_step(self, batch, batch_idx):
         loss, acc = self._step(batch)

@@ -33,14 +33,8 @@ class _TokenPrediction(ZooTask):
     def training_step(self, batch, batch_idx):
         loss = self.compiled("token_loss", token_loss)(
             self.net, batch["input_ids"], batch.get("attention_mask"), batch["labels"])
-        self.log_train_loss(loss)  # the token loss alone, comparable with dense models
-        self.log_speed(batch["input_ids"].numel())
-        # MoE routing losses, from the statistics the forward left behind (outside the compiled function)
-        aux = self.net.aux_loss()
-        if aux is not None:
-            self.log_moe(aux)
-            loss = loss + aux
-        return loss
+        # MoE routing losses are added outside the compiled function
+        return self.training_loss(loss, batch["input_ids"].numel())
 
     def validation_step(self, batch, batch_idx):
         loss, logits, labels = self._loss(batch)

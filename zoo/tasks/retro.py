@@ -39,9 +39,7 @@ class RetroLM(CausalLM):
     def training_step(self, batch, batch_idx):
         loss = self.compiled("retro_token_loss", retro_token_loss)(
             self.net, batch["input_ids"], batch["labels"], **self._retrieved(batch))
-        self.log_train_loss(loss)
-        self.log_speed(batch["input_ids"].numel())
-        return loss
+        return self.training_loss(loss, batch["input_ids"].numel())
 
     def validation_step(self, batch, batch_idx):
         loss, logits, labels = super().validation_step(batch, batch_idx)

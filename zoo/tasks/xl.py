@@ -40,13 +40,7 @@ class TransformerXLLM(CausalLM):
 
     def training_step(self, batch, batch_idx):
         loss, _ = self._xl_loss(batch, self.train_memory)
-        self.log_train_loss(loss)
-        self.log_speed(batch["input_ids"].numel())
-        aux = self.net.aux_loss()
-        if aux is not None:
-            self.log_moe(aux)
-            loss = loss + aux
-        return loss
+        return self.training_loss(loss, batch["input_ids"].numel())
 
     def on_validation_epoch_start(self):
         self.val_memory.reset()  # validation reads its streams from the start each time
