@@ -61,7 +61,9 @@ def bench_attention(o) -> list[dict]:
     return rows
 
 
-def _saved_bytes(model, x) -> int:
+def saved_activation_bytes(model, x) -> int:
+    """Bytes autograd keeps for the backward pass of one training step, parameters excluded: what grows with
+    depth for a plain stack and stays flat for a reversible one."""
     params = {p.data_ptr() for p in model.parameters()}
     total = [0]
 
@@ -92,7 +94,7 @@ def bench_depth(o) -> list[dict]:
                 model(x).float().logsumexp(-1).mean().backward()
             try:
                 ms, mib = measure(step, dev, o["repeats"], o["warmup"])
-                saved = _saved_bytes(model, x) / 2**20
+                saved = saved_activation_bytes(model, x) / 2**20
             except RuntimeError as e:
                 if not is_oom(e):
                     raise

@@ -17,6 +17,7 @@ from transformers import (  # noqa: E402
 )
 
 import zoo  # noqa: E402
+from helpers import perturbed  # noqa: E402
 from zoo.hf import from_hf_bert, from_hf_gpt2, to_hf_bert, to_hf_gpt2  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -26,17 +27,10 @@ ATOL = 1e-4
 SEQ = 12
 
 
-def _perturb(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
-
 def hf_gpt2(attn="eager", **kw):
     cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=211, n_positions=64, resid_pdrop=0.0,
                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **kw)
-    return _perturb(GPT2LMHeadModel._from_config(cfg, attn_implementation=attn))
+    return perturbed(GPT2LMHeadModel._from_config(cfg, attn_implementation=attn))
 
 
 def bert_config(**kw):
@@ -46,12 +40,12 @@ def bert_config(**kw):
 
 
 def hf_bert(cls=BertForMaskedLM, attn="eager", **kw):
-    return _perturb(cls._from_config(bert_config(**kw), attn_implementation=attn))
+    return perturbed(cls._from_config(bert_config(**kw), attn_implementation=attn))
 
 
 def zoo_model(name, **kw):
     sizes = dict(vocab_size=211, max_seq_len=64, d_model=64, n_layers=2, n_heads=4, dropout=0.0)
-    return _perturb(zoo.build_model(name, **{**sizes, **kw}))
+    return perturbed(zoo.build_model(name, **{**sizes, **kw}))
 
 
 def inputs(vocab, batch=3, padded=False):

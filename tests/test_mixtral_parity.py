@@ -12,17 +12,11 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM  # noqa: E402
 
 import zoo  # noqa: E402
+from helpers import perturbed  # noqa: E402
 from zoo.hf_mixtral import from_hf_mixtral, to_hf_mixtral  # noqa: E402
 
 ATOL = 1e-4
 VOCAB = 101
-
-
-def _perturb(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
 
 
 def hf_mixtral(attn="eager", **kw):
@@ -31,7 +25,7 @@ def hf_mixtral(attn="eager", **kw):
                sliding_window=None, router_aux_loss_coef=0.02, tie_word_embeddings=False, bos_token_id=0,
                eos_token_id=0, pad_token_id=None)
     cfg.update(kw)
-    return _perturb(MixtralForCausalLM._from_config(MixtralConfig(**cfg), attn_implementation=attn))
+    return perturbed(MixtralForCausalLM._from_config(MixtralConfig(**cfg), attn_implementation=attn))
 
 
 def inputs(batch=3, seq=12):
@@ -134,7 +128,7 @@ def test_load_pretrained_reads_what_hf_saved_and_export_round_trips(tmp_path):
 
 
 def test_zoo_mixtral_exports_to_hf_with_equal_logits(tmp_path):
-    model = _perturb(zoo.build_model("mixtral", vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=1,
+    model = perturbed(zoo.build_model("mixtral", vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=1,
                                      d_ff=48, n_experts=4, moe_top_k=1, tie_embeddings=True,
                                      attention="sliding_window", max_seq_len=128))
     config, state = to_hf_mixtral(model)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from helpers import ROOT, make_cfg
+from helpers import ROOT, make_cfg, perturbed
 from zoo.blocks.ffn import SwiGLU
 from zoo.blocks.moe import MoE, combine_aux
 
@@ -20,20 +20,13 @@ import train as train_script  # noqa: E402
 TINY = dict(vocab_size=97, max_seq_len=64, d_model=32, n_layers=2, n_heads=4, dropout=0.0)
 
 
-def _perturb(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
-
 def _aux(moe: MoE):
     return combine_aux([moe.stats], moe.n_experts)
 
 
 def test_one_expert_model_equals_dense_swiglu_model():
     torch.manual_seed(0)
-    dense = _perturb(zoo.build_model("gpt", **TINY, ffn="swiglu", d_ff=48, bias=False))
+    dense = perturbed(zoo.build_model("gpt", **TINY, ffn="swiglu", d_ff=48, bias=False))
     moe = zoo.build_model("gpt", **TINY, ffn="moe", d_ff=48, bias=False, n_experts=1, moe_top_k=1).eval()
     state = dense.state_dict()
     for i in range(TINY["n_layers"]):
@@ -192,7 +185,7 @@ def test_active_and_total_parameters():
 
 def test_gqa_with_repeated_kv_heads_equals_mha_and_shrinks_the_cache():
     torch.manual_seed(0)
-    gqa = _perturb(zoo.build_model("mixtral", **TINY, n_kv_heads=2))
+    gqa = perturbed(zoo.build_model("mixtral", **TINY, n_kv_heads=2))
     mha = zoo.build_model("mixtral", **TINY, n_kv_heads=4).eval()
     hd, state = gqa.cfg.head_dim, gqa.state_dict()
     for i in range(TINY["n_layers"]):

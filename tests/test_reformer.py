@@ -13,6 +13,7 @@ from kernels.lsh_attention import (
     shared_qk_attention_reference,
 )
 from zoo.blocks import build_core
+from scripts.bench_reformer import saved_activation_bytes
 from zoo.models.reformer import AxialPositions, plain_stack
 
 
@@ -181,21 +182,6 @@ def test_reversible_gradients_equal_the_plain_stack(monkeypatch, dropout):
     assert set(g_r) == set(g_p)
     for n in g_r:
         torch.testing.assert_close(g_r[n], g_p[n], atol=1e-10, rtol=1e-8, msg=n)
-
-
-def saved_activation_bytes(model, x):
-    """Bytes autograd keeps for the backward pass, parameters excluded: what grows with depth."""
-    params = {p.data_ptr() for p in model.parameters()}
-    total = [0]
-
-    def pack(t):
-        if t.data_ptr() not in params:
-            total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x).sum()
-    return total[0]
 
 
 def test_reversible_activation_memory_stays_flat_with_depth():
