@@ -146,6 +146,30 @@ def cpu_peak_bytes(step) -> float:
     return max(e.extra_fields.total_allocated for e in events) - (first.total_allocated - first.alloc_size)
 
 
+def median_step_ms(step, device: str, repeats: int, warmup: int) -> float:
+    """Median milliseconds of `repeats` calls of `step` after `warmup`; on CUDA timed with events, and the peak
+    memory counter reset before the timed calls (read torch.cuda.max_memory_allocated after)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def bench_one(cfg, seq_len: int, opts: dict) -> tuple[float, float]:
     """(median ms per fwd+bwd step, peak MiB) for one config and length."""
     dev = torch.device(opts["device"])
@@ -162,31 +186,16 @@ def bench_one(cfg, seq_len: int, opts: dict) -> tuple[float, float]:
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
         loss.backward()
 
-    for _ in range(opts["warmup"]):
-        step()
-    times = []
+    ms = median_step_ms(step, dev.type, opts["repeats"], opts["warmup"])
     if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        for _ in range(opts["repeats"]):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
         peak = torch.cuda.max_memory_allocated()  # parameters, input, grads, activations, workspaces
     else:
-        for _ in range(opts["repeats"]):
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
         model.zero_grad(set_to_none=True)
         # what stays allocated through the step (weights, input) + the step's own peak, so that the
         # figure is comparable with max_memory_allocated on CUDA
         resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers(), ids])
         peak = resident + cpu_peak_bytes(step)
-    return statistics.median(times), peak / 2**20
+    return ms, peak / 2**20
 
 
 def device_name(device: str) -> str:

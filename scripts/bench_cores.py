@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import csv
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +29,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from scripts._args import parse  # noqa: E402
-from scripts.bench import cpu_peak_bytes, device_name, is_oom  # noqa: E402
+from scripts.bench import cpu_peak_bytes, device_name, is_oom, median_step_ms  # noqa: E402
 from zoo.blocks import build_core  # noqa: E402
 
 CORES = {  # name -> (core, causal, options): the settings of the issue's H200 target
@@ -57,25 +55,9 @@ class _Cfg:  # what a core's setup(cfg) reads
 
 
 def measure(step, device: str, repeats: int, warmup: int) -> tuple[float, float]:
-    for _ in range(warmup):
-        step()
-    times = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        for _ in range(repeats):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            step()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        return statistics.median(times), torch.cuda.max_memory_allocated() / 2**20
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), cpu_peak_bytes(step) / 2**20
+    """(median ms, peak MiB) of a fwd+bwd step: the CUDA allocator's peak, or the CPU profiler's."""
+    ms = median_step_ms(step, device, repeats, warmup)
+    return ms, (torch.cuda.max_memory_allocated() if device == "cuda" else cpu_peak_bytes(step)) / 2**20
 
 
 def inputs(o, n, dtype, device):
