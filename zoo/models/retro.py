@@ -98,6 +98,7 @@ class NeighbourEncoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        # a dense FFN under a MoE decoder: the router losses are collected from the decoder's blocks only
         enc_cfg = dataclasses.replace(cfg, name=f"{cfg.name}-encoder", arch="encoder", position="rope",
                                       attention={"core": "full", "backend": cfg.attention.get("backend", "auto")},
                                       ffn="mlp" if cfg.ffn == "moe" else cfg.ffn, retrieval=False,
