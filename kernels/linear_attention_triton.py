@@ -34,9 +34,10 @@ import triton.language as tl
 CHUNK = 64  # positions per chunk: the tensor-core tile; the result does not depend on it
 SEGMENT = 16  # chunks per sequential walk: the state scans run one program per segment, in parallel
 LOG_FLOOR = -30.0  # as kernels/linear_attention._LOG_FLOOR
-# launch settings per kernel (num_warps, num_stages); module-level so that a benchmark can try others
-LAUNCH = {"fwd_states": (4, 2), "fwd_out": (4, 1), "bwd_prep": (4, 1), "bwd_states": (4, 2), "bwd_chunk": (4, 1),
-          "favor_fwd": (4, 1), "favor_bwd": (4, 2)}
+# launch settings per kernel (num_warps, num_stages), as chosen on the H200 by scripts/tune_linear_kernels.py
+# (2026-11-29; the spread between settings was within that run's noise, ~10%); module-level so it can retune
+LAUNCH = {"fwd_states": (4, 1), "fwd_out": (4, 1), "bwd_prep": (4, 1), "bwd_states": (4, 1), "bwd_chunk": (8, 1),
+          "favor_fwd": (8, 2), "favor_bwd": (4, 1)}
 
 
 def _p2(x: int, lo: int = 16) -> int:
@@ -233,9 +234,12 @@ def _launch(kernel, name, grid, *args, **meta):
     kernel[grid](*args, num_warps=warps, num_stages=stages, **meta)
 
 
-def _exclusive_prefix(tot, init):
-    """(bh, G, ...) segment totals -> the sum of the earlier segments' totals plus `init`, for each segment."""
-    pre = torch.cat([torch.zeros_like(tot[:, :1]), tot[:, :-1].cumsum(1)], 1)
+def _exclusive_prefix(tot, init, reverse: bool = False):
+    """(bh, G, ...) fp32 segment totals -> for each segment the sum of the earlier segments' totals (the later
+    ones' when reverse) plus `init`. Two kernels, no copies: the inclusive cumsum minus the own total, and,
+    reversed, the grand total minus the inclusive cumsum."""
+    inclusive = tot.cumsum(1)
+    pre = inclusive[:, -1:] - inclusive if reverse else inclusive - tot
     return pre if init is None else pre + init[:, None]
 
 
@@ -295,8 +299,8 @@ class _CausalLinearAttention(torch.autograd.Function):
         _launch(_bwd_states, "bwd_states", (bh, nk * nv, ng), q, g, r, dh, dzs, seg_ds, seg_dz, n, m, dv, nc, nv,
                 C=chunk, CPS=segment, BK=bk, BV=bv, PREC=prec)
         # the later segments' part, walked backwards: an exclusive prefix over the flipped segments
-        pre_ds = _exclusive_prefix(seg_ds.flip(1), None if ds_final is None else ds_final.float()).flip(1)
-        pre_dz = _exclusive_prefix(seg_dz.flip(1), None if dz_final is None else dz_final.float()).flip(1)
+        pre_ds = _exclusive_prefix(seg_ds, None if ds_final is None else ds_final.float(), reverse=True)
+        pre_dz = _exclusive_prefix(seg_dz, None if dz_final is None else dz_final.float(), reverse=True)
         dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _launch(_bwd_chunk, "bwd_chunk", (nc, bh), q, k, v, g, r, h, zs, pre_s, pre_z, dh, dzs,
                 pre_ds.to(q.dtype).contiguous(), pre_dz.contiguous(), dq, dk, dvv, n, m, dv, nc, ng,

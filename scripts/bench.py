@@ -146,9 +146,12 @@ def cpu_peak_bytes(step) -> float:
     return max(e.extra_fields.total_allocated for e in events) - (first.total_allocated - first.alloc_size)
 
 
-def median_step_ms(step, device: str, repeats: int, warmup: int) -> float:
-    """Median milliseconds of `repeats` calls of `step` after `warmup`; on CUDA timed with events, and the peak
-    memory counter reset before the timed calls (read torch.cuda.max_memory_allocated after)."""
+def median_step_ms(step, device: str, repeats: int, warmup: int, window: int = 1) -> float:
+    """Median milliseconds per call of `step`, over `repeats` timed windows of `window` back-to-back calls,
+    after `warmup` calls. On CUDA timed with events, and the peak memory counter reset before the timed calls
+    (read torch.cuda.max_memory_allocated after). window > 1 is how training runs: the host queues the next
+    step while the GPU still runs this one, so a step costs max(host, GPU) time, not their sum (a window of
+    1 synchronises after every call and charges the host's launch time to a GPU-bound step)."""
     for _ in range(warmup):
         step()
     times = []
@@ -158,15 +161,17 @@ def median_step_ms(step, device: str, repeats: int, warmup: int) -> float:
         for _ in range(repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            step()
+            for _ in range(window):
+                step()
             end.record()
             torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(start.elapsed_time(end) / window)
     else:
         for _ in range(repeats):
             t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
+            for _ in range(window):
+                step()
+            times.append((time.perf_counter() - t0) * 1e3 / window)
     return statistics.median(times)
 
 

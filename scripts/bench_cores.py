@@ -11,9 +11,11 @@ Rows, for each length:
   `performer_torch`/`linear_torch` the torch scan everywhere);
 - on CUDA, `flex <core>`: torch's flex_attention called directly with the core's mask (the core's whole
   pattern as one mask_mod, block mask built once outside the timed step), the yardstick the issue names.
-Time is the median of `repeats` fwd+bwd steps after `warmup`; peak memory is max_memory_allocated on CUDA
+Time is the median over `repeats` windows of `window` back-to-back fwd+bwd steps (per step), after `warmup`
+steps: as in training, the host queues a step while the GPU runs the previous one (window=1: a sync after
+every step, which adds the host's launch time to every GPU-bound row); peak memory is max_memory_allocated on CUDA
 (inputs, outputs, gradients, workspaces) and the profiler's allocator peak on CPU.
-Options: seq_lens batch heads head_dim device dtype repeats warmup cores out.
+Options: seq_lens batch heads head_dim device dtype repeats warmup window cores out globals.
 """
 from __future__ import annotations
 
@@ -34,7 +36,9 @@ from zoo.blocks import build_core  # noqa: E402
 
 CORES = {  # name -> (core, causal, options): the settings of the issue's H200 target
     "sliding_window": ("sliding_window", True, {"window": 512}),
-    "longformer": ("longformer", False, {"window": 512}),
+    "longformer": ("longformer", False, {"window": 512}),  # the paper's separate global q/k/v projections
+    # global tokens reuse the local q/k/v: exactly flex's longformer mask, nothing else (its `flex longformer` row)
+    "longformer_shared": ("longformer", False, {"window": 512, "global_projections": "shared"}),
     "bigbird": ("bigbird", False, {"block_size": 64, "num_random_blocks": 3, "num_global_blocks": 1}),
     "sparse_strided": ("sparse_strided", True, {"stride": 128}),
     "performer": ("performer", True, {"nb_features": 256}),  # causal FAVOR+: Triton kernels on CUDA, torch scan on CPU
@@ -45,7 +49,7 @@ CORES = {  # name -> (core, causal, options): the settings of the issue's H200 t
 FLEX_MASKS = ("sliding_window", "longformer", "bigbird", "sparse_strided")  # cores with a mask to hand to flex
 DEFAULTS = {"seq_lens": "256,512,1024,2048", "batch": 1, "heads": 4, "head_dim": 64,
             "device": "cuda" if torch.cuda.is_available() else "cpu", "dtype": "fp32", "repeats": 5, "warmup": 2,
-            "cores": ",".join(FLEX_MASKS), "out": "outputs/bench/cores", "globals": 16}
+            "cores": ",".join(FLEX_MASKS), "out": "outputs/bench/cores", "globals": 16, "window": 5}
 SDPA_ORDER = ["CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]
 
 
@@ -54,9 +58,9 @@ class _Cfg:  # what a core's setup(cfg) reads
         self.n_heads, self.head_dim, self.d_model, self.bias = heads, head_dim, heads * head_dim, True
 
 
-def measure(step, device: str, repeats: int, warmup: int) -> tuple[float, float]:
+def measure(step, device: str, repeats: int, warmup: int, window: int = 1) -> tuple[float, float]:
     """(median ms, peak MiB) of a fwd+bwd step: the CUDA allocator's peak, or the CPU profiler's."""
-    ms = median_step_ms(step, device, repeats, warmup)
+    ms = median_step_ms(step, device, repeats, warmup, window)
     return ms, (torch.cuda.max_memory_allocated() if device == "cuda" else cpu_peak_bytes(step)) / 2**20
 
 
@@ -105,16 +109,22 @@ def core_fn(name: str, o, n: int, device: str):
         gm[:, :: max(n // o["globals"], 1)] = True  # `globals` evenly spaced global tokens
         hidden = torch.randn(o["batch"], n, o["heads"] * o["head_dim"], device=device)
         ctx = {"global_attention_mask": gm, "hidden": hidden}
-    dtype = torch.bfloat16 if o["dtype"] == "bf16" else torch.float32
 
     def fn(q, k, v):
-        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        with autocast(o, device):
             return core(q, k, v, context=ctx)
     return fn, core, ctx
 
 
-def flex_same_mask(name: str, core, ctx, n: int, device: str, heads: int):
-    """flex_attention with the core's whole pattern as one mask (block mask built once, outside timing)."""
+def autocast(o, device: str):
+    """The precision context of a training step, the same for a core and its flex yardstick."""
+    dtype = torch.bfloat16 if o["dtype"] == "bf16" else torch.float32
+    return torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def flex_same_mask(name: str, core, ctx, n: int, device: str, heads: int, o):
+    """flex_attention with the core's whole pattern as one mask (block mask built once, outside timing), under
+    the same autocast as the core's row."""
     from kernels.sparse_attention import flex_attention, make_block_mask
     from kernels.sparse_patterns import strided_predicate, window_predicate
     if name == "sliding_window":
@@ -131,7 +141,11 @@ def flex_same_mask(name: str, core, ctx, n: int, device: str, heads: int):
         table = core.table(-(-n // bs), heads).to(device)
         mask_mod = lambda b, h, q, k: table[h, q // bs, k // bs]  # noqa: E731
     bm = make_block_mask(mask_mod, None, heads if name == "bigbird" else None, n, n, device)
-    return lambda q, k, v: flex_attention(q, k, v, bm)
+
+    def fn(q, k, v):
+        with autocast(o, device):
+            return flex_attention(q, k, v, bm)
+    return fn
 
 
 def main(argv: list[str]) -> list[dict]:
@@ -154,12 +168,17 @@ def main(argv: list[str]) -> list[dict]:
             if dev == "cuda" and name in FLEX_MASKS:
                 def flex_plan(name=name):
                     _, core, ctx = core_fn(name, o, n, dev)
-                    return flex_same_mask(name, core, ctx, n, dev, o["heads"])
+                    return flex_same_mask(name, core, ctx, n, dev, o["heads"], o)
                 plan.append((f"flex {name}", flex_plan))
         for label, make in plan:
             try:
+                if dev == "cuda":
+                    # each row alone in dynamo's cache: compiled flex graphs are looked up in order, and a row
+                    # behind other rows' entries would pay their guard checks on every call
+                    torch._dynamo.reset()
                 qkv = inputs(o, n, dtype, dev)
-                ms, mib = measure(fwd_bwd(make(), qkv), dev, o["repeats"], o["warmup"])
+                window = o["window"] if dev == "cuda" else 1  # a CPU step is synchronous anyway
+                ms, mib = measure(fwd_bwd(make(), qkv), dev, o["repeats"], o["warmup"], window)
             except Exception as e:  # noqa: BLE001 — an OOM (or a backend refusing a shape) is a result
                 if not is_oom(e) and dev == "cpu":
                     raise
@@ -187,7 +206,8 @@ def write(rows, o, argv, dev):
     out.with_suffix(".md").write_text(
         f"# Attention cores: forward+backward vs sequence length\n\n```\n{cmd}\n```\n\nMachine: {device_name(dev)}; "
         f"torch {torch.__version__}; {platform.platform()}; batch {o['batch']}, {o['heads']} heads, head dim "
-        f"{o['head_dim']}, {o['dtype']}; median of {o['repeats']} after {o['warmup']} warm-up steps.\n\n{table}\n")
+        f"{o['head_dim']}, {o['dtype']}; median of {o['repeats']} windows of {o['window']} back-to-back steps after "
+        f"{o['warmup']} warm-up steps.\n\n{table}\n")
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         (w := csv.DictWriter(f, fieldnames=cols)).writeheader()
         w.writerows(rows)

@@ -163,3 +163,10 @@ def test_bench_cores_times_every_core_against_sdpa(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
     with pytest.raises(SystemExit, match="valid choices"):
         cores.main(["cores=nope", f"out={out}"])
+
+
+def test_median_step_ms_times_windows_of_back_to_back_steps():
+    bench = _load("bench")
+    calls = []
+    ms = bench.median_step_ms(lambda: calls.append(1), "cpu", repeats=4, warmup=2, window=3)
+    assert len(calls) == 2 + 4 * 3 and ms >= 0.0
