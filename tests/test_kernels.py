@@ -67,6 +67,17 @@ def test_flash_backend_fails_loudly_when_missing():
         kernels.attention(q, k, v, backend="flash")
 
 
+@pytest.mark.parametrize("capability,sdpa", [((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)])
+def test_auto_leaves_flash_attn_for_sdpa_from_hopper_on(monkeypatch, capability, sdpa):
+    from kernels import softmax_attention as sa
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    sa._sdpa_beats_flash_attn.cache_clear()
+    try:
+        assert sa._sdpa_beats_flash_attn(0) is sdpa
+    finally:
+        sa._sdpa_beats_flash_attn.cache_clear()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
