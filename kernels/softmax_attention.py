@@ -54,6 +54,10 @@ def attention_reference(q, k, v, *, causal=False, key_padding_mask=None, dropout
 def attention_sdpa(q, k, v, *, causal=False, key_padding_mask=None, dropout_p=0.0, scale=None):
     """torch's scaled_dot_product_attention; on CUDA it dispatches to flash / cuDNN / efficient kernels."""
     n_q, n_k = q.shape[-2], k.shape[-2]
+    if causal and n_q == 1:
+        # one query aligned to the end of the keys (a decoding step) sees all of them: no mask to build, and
+        # GQA stays native instead of copying the whole cache once per query head
+        causal = False
     mask = None
     if key_padding_mask is not None or (causal and n_q != n_k):
         mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device)

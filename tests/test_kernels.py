@@ -43,6 +43,16 @@ def test_causal_with_kv_cache_offsets_queries_to_the_end():
         torch.testing.assert_close(impl(tail, k, v, causal=True), full[:, :, -3:], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("hkv", [4, 2, 1])
+def test_one_decoding_query_sees_every_cached_key(hkv):
+    """A decoding step (one query at the end of the keys) runs unmasked, GQA native: the last row of the full
+    causal pass, for MHA, GQA and MQA."""
+    q, k, v = _qkv(n=10, hkv=hkv)
+    full = kernels.attention_reference(q, k, v, causal=True)
+    torch.testing.assert_close(kernels.attention_sdpa(q[:, :, -1:], k, v, causal=True), full[:, :, -1:],
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_gqa_equals_mha_with_repeated_heads():
     q, k, v = _qkv(hkv=2)
     out = kernels.attention(q, k, v, causal=True)
