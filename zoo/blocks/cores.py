@@ -19,6 +19,7 @@ import inspect
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import kernels
 
@@ -70,8 +71,11 @@ class AttentionCore(nn.Module):
 
 class _SoftmaxCore(AttentionCore):
     supports_kv_cache = True
+    supports_static_cache = True  # zoo.models.decoding: fixed-size buffers, what a CUDA graph can replay
 
     def forward(self, q, k, v, key_padding_mask=None, cache=None, context=None):
+        if cache is not None and "max_len" in cache:
+            return self._static(q, k, v, cache, key_padding_mask)
         if cache is not None:
             k, v = self.append_kv(cache, k, v)
         return kernels.attention(
@@ -81,6 +85,32 @@ class _SoftmaxCore(AttentionCore):
 
     def reference(self, q, k, v, key_padding_mask=None, context=None):
         return kernels.attention_reference(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask)
+
+    def _static(self, q, k, v, cache: dict, key_padding_mask=None):
+        """Decoding into preallocated buffers (zoo.models.decoding.static_cache): this call's keys/values go to
+        slots pos .. pos+n-1 of (B, Hkv, max_len, D) buffers, and the queries attend to the whole buffer under
+        a mask of the filled slots. Every shape stays the same from one step to the next and the position is
+        a device tensor, so a decoding step can be captured once and replayed as a CUDA graph."""
+        if key_padding_mask is not None:
+            raise ValueError("a static KV cache decodes unpadded prompts only: pass no attention_mask")
+        b, h, n, d = q.shape
+        if cache["k_buf"] is None:  # sized on first use: the layer's kv heads, head size and dtype
+            shape = (b, k.shape[1], cache["max_len"], d)
+            cache["k_buf"], cache["v_buf"] = k.new_zeros(shape), v.new_zeros(shape)
+        kb, vb = cache["k_buf"], cache["v_buf"]
+        slots = cache["pos"] + torch.arange(n, device=q.device)
+        kb.index_copy_(2, slots, k.to(kb.dtype))
+        vb.index_copy_(2, slots, v.to(vb.dtype))
+        keys = torch.arange(kb.shape[2], device=q.device)
+        seen = keys <= slots[:, None] if self.causal else (keys < slots[-1] + 1).expand(n, -1)  # (n, max_len)
+        # query heads grouped under their kv head (GQA/MQA): one attention over Hkv heads of rep * n queries,
+        # so the cache is never repeated per query head
+        hkv = kb.shape[1]
+        rep = h // hkv
+        qg = q.reshape(b, hkv, rep * n, d)
+        mask = seen.repeat(rep, 1)[None, None]
+        out = F.scaled_dot_product_attention(qg, kb, vb, attn_mask=mask)
+        return out.reshape(b, h, n, d)
 
 
 @register_core

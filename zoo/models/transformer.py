@@ -14,6 +14,7 @@ from zoo.blocks.ffn import activation
 from zoo.blocks.moe import MoE, combine_aux
 from zoo.blocks.norms import build_norm
 from zoo.blocks.positions import build_absolute_positions
+from zoo.models import decoding
 from zoo.models.config import ModelConfig
 from zoo.models.reformer import AxialPositions, reversible_stack
 from zoo.models.transformer_xl import TransformerXL
@@ -38,12 +39,15 @@ class Transformer(nn.Module):
               global_attention_mask=None):
         """Token (+ position, segment) embeddings, and what every block reads besides x."""
         b, n = input_ids.shape
-        end = start_pos + n
-        if self.cfg.position in ("learned", "sinusoidal") and end > self.cfg.max_seq_len:
-            raise ValueError(
-                f"sequence of {end} tokens is longer than the position table (model.max_seq_len={self.cfg.max_seq_len})"
-            )
-        positions = torch.arange(start_pos, end, device=input_ids.device)
+        if torch.is_tensor(start_pos):
+            # a position on the device (zoo.models.decoding, CUDA graphs): no host sync; the caller checks length
+            positions = start_pos + torch.arange(n, device=input_ids.device)
+        else:
+            end = start_pos + n
+            if self.cfg.position in ("learned", "sinusoidal") and end > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {end} tokens is longer than the position table "
+                                 f"(model.max_seq_len={self.cfg.max_seq_len})")
+            positions = torch.arange(start_pos, end, device=input_ids.device)
         x = self.tok_emb(input_ids)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
@@ -223,12 +227,19 @@ class ZooModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True, retrieve=None):
+                 generator: torch.Generator | None = None, use_cache: bool = True, retrieve=None,
+                 kv_cache: str = "dynamic"):
         """Sample continuations. temperature=0 is greedy. Uses the KV cache when the core has one.
         retrieve (RETRO): chunks (l, chunk_len) LongTensor -> (neighbours (l, k, r), mask (l, k, r)), called once
-        per completed chunk; the context is then recomputed at each step (neighbours change what it sees)."""
+        per completed chunk; the context is then recomputed at each step (neighbours change what it sees).
+        kv_cache: "dynamic", "static" (preallocated) or "cuda_graph" (static, decoding steps replayed as a CUDA
+        graph): see zoo.models.decoding."""
         if self.cfg.arch != "decoder":
             raise ValueError("generate() needs a decoder (model.arch=decoder)")
+        decoding.check_static(self, kv_cache, input_ids.shape[1], max_new_tokens)
+        if kv_cache != "dynamic" and (retrieve is not None or not use_cache):
+            raise ValueError(f"kv_cache={kv_cache!r} with {'retrieve=' if retrieve is not None else 'use_cache=False'}:"
+                             f" use kv_cache='dynamic'")
         if retrieve is not None:
             if not self.cfg.retrieval:
                 raise ValueError("retrieve= needs a model built with model.retrieval=true")
@@ -243,6 +254,9 @@ class ZooModel(nn.Module):
         for m in self.moe_layers():  # no routing statistics: nothing reads them while decoding
             m.track_stats, m.stats = False, None
         try:
+            if kv_cache != "dynamic":
+                return self._generate_static(input_ids, max_new_tokens, temperature, top_k, generator,
+                                             kv_cache == "cuda_graph")
             return self._generate(input_ids, max_new_tokens, temperature, top_k, generator, cache)
         finally:
             for m in self.moe_layers():
@@ -266,14 +280,39 @@ class ZooModel(nn.Module):
                     step_input, start = out[:, -self.cfg.max_seq_len + 1:], 0
                 logits = self.logits(self.hidden_states(step_input, start_pos=start, cache=cache)[:, -1])
                 start += step_input.shape[1]
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits.float() / temperature
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            nxt = self._sample(logits, temperature, top_k, generator)
             out = torch.cat([out, nxt], dim=1)
             step_input = nxt
         return out
+
+    def _generate_static(self, input_ids, max_new_tokens, temperature, top_k, generator, graphed: bool):
+        """Prefill eagerly into preallocated buffers, then one token per step (replayed as a CUDA graph when
+        graphed): zoo.models.decoding."""
+        n0 = input_ids.shape[1]
+        cache = decoding.static_cache(self, n0 + max_new_tokens, input_ids.device)
+        pos = cache[0]["pos"]
+        logits = self.logits(self.hidden_states(input_ids, cache=cache)[:, -1])
+        step = None
+        out = input_ids
+        for i in range(max_new_tokens):
+            nxt = self._sample(logits, temperature, top_k, generator)
+            out = torch.cat([out, nxt], dim=1)
+            if i == max_new_tokens - 1:
+                break
+            pos.fill_(n0 + i)  # where this token's keys and values go, and its position
+            if graphed:
+                step = step or decoding.GraphedStep(self, cache, input_ids.shape[0])
+                logits = step(nxt)
+            else:
+                logits = self.logits(self.hidden_states(nxt, start_pos=pos, cache=cache)[:, -1])
+        return out
+
+    @staticmethod
+    def _sample(logits, temperature, top_k, generator):
+        if temperature == 0:
+            return logits.argmax(-1, keepdim=True)
+        logits = logits.float() / temperature
+        if top_k:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator)
