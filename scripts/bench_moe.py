@@ -14,7 +14,10 @@
     MixtralForCausalLM.generate on the same weights (exported with zoo.save_pretrained, loaded with
     from_pretrained, sdpa attention), same dtype. Decode tokens/s = batch * new tokens / (time of generating
     1 + N tokens - time of generating 1), i.e. prefill excluded; prefill ms and end-to-end tokens/s beside it;
-    `same tokens` = share of generated tokens equal to HF's (bf16 rounding can split near-ties).
+    `same tokens` = share of generated tokens equal to HF's (bf16 rounding can split near-ties). Our rows with
+    kv_cache=static (preallocated buffers) and, on CUDA, kv_cache=cuda_graph (the decoding step replayed as a
+    CUDA graph; the graph's capture is inside the timed call) beside the default growing cache;
+    `same_as_ours_dynamic` = share of their tokens equal to the growing cache's.
 
 Writes bench_moe.md, bench_moe.csv and bench_moe.json under --out ($OUT when set, else outputs/bench).
 """
@@ -178,11 +181,21 @@ def bench_decode(a, kv_heads: int) -> list[dict]:
     rows.append({**base, "variant": f"ours, {label}", "prefill_ms": 1e3 * t1,
                  "decode_tokens_per_s": a.decode_batch * n / (tn - t1),
                  "end_to_end_tokens_per_s": a.decode_batch * (1 + n) / tn})
+    # the preallocated cache, and on CUDA its decoding step replayed as a CUDA graph (zoo.models.decoding)
+    for kv in ("static",) + (("cuda_graph",) if a.device == "cuda" else ()):
+        s1, _ = _timed(lambda kv=kv: ours.generate(prompt, 1, temperature=0, kv_cache=kv), a.device)
+        sn, tokens = _timed(lambda kv=kv: ours.generate(prompt, 1 + n, temperature=0, kv_cache=kv), a.device)
+        rows.append({**base, "variant": f"ours, {label}, kv_cache={kv}", "prefill_ms": 1e3 * s1,
+                     "decode_tokens_per_s": a.decode_batch * n / (sn - s1),
+                     "end_to_end_tokens_per_s": a.decode_batch * (1 + n) / sn,
+                     "same_as_ours_dynamic": (tokens == our_tokens).float().mean().item()})
+    ours_rows = [r for r in rows if r["variant"].startswith("ours")]
     if not a.no_hf:
         rows.append({**base, **bench_hf_decode(a, ours, prompt, our_tokens, label)})
         ref = rows[-1].get("decode_tokens_per_s")
         if ref:
-            rows[-2]["x_vs_hf"] = rows[-2]["decode_tokens_per_s"] / ref
+            for r in ours_rows:
+                r["x_vs_hf"] = r["decode_tokens_per_s"] / ref
     del ours
     if a.device == "cuda":
         torch.cuda.empty_cache()

@@ -1,7 +1,8 @@
 """Sample from a trained decoder with its KV cache.
 
     python scripts/generate.py ckpt=outputs/runs/<run>/checkpoints/last.ckpt prompt="def " max_new_tokens=200
-    (temperature=0 is greedy; top_k=40; seed=0; device=auto|cpu|cuda; use_cache=false to recompute)
+    (temperature=0 is greedy; top_k=40; seed=0; device=auto|cpu|cuda; use_cache=false to recompute;
+     kv_cache=dynamic|static|cuda_graph: see zoo/models/decoding.py)
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from data.tokenizers import tokenizer_from_state
 from zoo.checkpoint import model_from_checkpoint, read_checkpoint
 
 DEFAULTS = {"ckpt": None, "prompt": "", "max_new_tokens": 100, "temperature": 0.8, "top_k": 40, "seed": 0,
-            "device": "auto", "use_cache": True}
+            "device": "auto", "use_cache": True, "kv_cache": "dynamic"}
 
 
 def generate(args: dict) -> str:
@@ -31,7 +32,8 @@ def generate(args: dict) -> str:
     ids = tok.encode(args["prompt"]) or [tok.eos_id]
     g = torch.Generator(device=device).manual_seed(int(args["seed"]))
     out = model.generate(torch.tensor([ids], device=device), int(args["max_new_tokens"]), float(args["temperature"]),
-                         args["top_k"], generator=g, use_cache=bool(args["use_cache"]))
+                         args["top_k"], generator=g, use_cache=bool(args["use_cache"]),
+                         kv_cache=args["kv_cache"])
     return tok.decode(out[0].tolist())
 
 

@@ -8,7 +8,8 @@
 - "cuda_graph": "static", with the one-token decoding step captured once as a CUDA graph and replayed for every
   new token. A batch-1-to-8 decoding step is bound by the host's kernel launches (hundreds per step); a replay
   launches them all at once.
-The prompt (prefill) always runs eagerly. Static decoding needs cores with `supports_static_cache` (full and
+The prompt (prefill) always runs eagerly, through the growing cache (the causal kernels, no mask), and is then
+copied into the buffers. Static decoding needs cores with `supports_static_cache` (full and
 causal softmax attention), no padding, and prompt + new tokens within model.max_seq_len.
 """
 from __future__ import annotations
@@ -37,11 +38,23 @@ def check_static(model, kv_cache: str, prompt_len: int, max_new_tokens: int) -> 
         raise ValueError("kv_cache='cuda_graph' needs the model on a CUDA device; use kv_cache='static'")
 
 
-def static_cache(model, max_len: int, device) -> list[dict]:
-    """One dict per layer; the buffers are allocated by each core on first use (its kv heads and dtype). All
-    layers share the position tensor: the slot the next token's keys and values go to."""
+def static_cache(model, max_len: int, device, prefilled: list[dict] | None = None) -> list[dict]:
+    """One dict per layer; all layers share the position tensor, the slot the next token's keys and values go
+    to. Without `prefilled` each core allocates its buffers on first use (its kv heads and dtype); with it (a
+    growing cache after the prompt, which ran through the causal kernels without a mask) the buffers start
+    with its keys and values and the position after them."""
     pos = torch.zeros((), dtype=torch.long, device=device)
-    return [{"max_len": max_len, "pos": pos, "k_buf": None, "v_buf": None} for _ in model.trunk.blocks]
+    caches = [{"max_len": max_len, "pos": pos, "k_buf": None, "v_buf": None} for _ in model.trunk.blocks]
+    if prefilled is not None:
+        n = prefilled[0]["k"].shape[2]
+        pos.fill_(n)
+        for c, p in zip(caches, prefilled):
+            for name in ("k", "v"):
+                t = p[name]
+                buf = t.new_zeros(*t.shape[:2], max_len, t.shape[3])
+                buf[:, :, :n] = t
+                c[f"{name}_buf"] = buf
+    return caches
 
 
 class GraphedStep:

@@ -289,9 +289,10 @@ class ZooModel(nn.Module):
         """Prefill eagerly into preallocated buffers, then one token per step (replayed as a CUDA graph when
         graphed): zoo.models.decoding."""
         n0 = input_ids.shape[1]
-        cache = decoding.static_cache(self, n0 + max_new_tokens, input_ids.device)
+        prefill = self.new_cache()
+        logits = self.logits(self.hidden_states(input_ids, cache=prefill)[:, -1])
+        cache = decoding.static_cache(self, n0 + max_new_tokens, input_ids.device, prefill)
         pos = cache[0]["pos"]
-        logits = self.logits(self.hidden_states(input_ids, cache=cache)[:, -1])
         step = None
         out = input_ids
         for i in range(max_new_tokens):
