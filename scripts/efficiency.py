@@ -20,7 +20,9 @@ memory is max_memory_allocated on CUDA (weights, optimizer state, activations, w
 weights + optimizer state + input + the step's allocator peak (scripts/bench.py's cpu_peak_bytes). A run
 out of memory is an OOM cell, and the longer lengths of that row are not tried. Results are rewritten after
 every length, so a run cut short keeps what it measured. Writes <out>.md, <out>.csv and <out>.png.
-Options: device dtype size seq_lens cores sdpa_backends batch d_model n_layers n_heads d_ff repeats warmup out.
+`keep=<csv of an earlier run>` extends an earlier table: its rows at the lengths this run does not time are
+kept (same device, dtype and batch, checked), e.g. `seq_lens=4096,8192,16384 keep=docs/results/efficiency_h200.csv`.
+Options: device dtype size seq_lens cores sdpa_backends batch d_model n_layers n_heads d_ff repeats warmup out keep.
 """
 from __future__ import annotations
 
@@ -54,7 +56,8 @@ NUM_LABELS = 10  # ListOps' classes; the head's size does not move the cost
 CUDA = torch.cuda.is_available()
 DEFAULTS = {"device": "cuda" if CUDA else "cpu", "dtype": "bf16" if CUDA else "fp32", "size": "",
             "seq_lens": "", "cores": ",".join(DEFAULT_CORES), "sdpa_backends": "", "batch": "", "d_model": "",
-            "n_layers": "", "n_heads": "", "d_ff": "", "repeats": "", "warmup": "", "out": "outputs/efficiency/efficiency"}
+            "n_layers": "", "n_heads": "", "d_ff": "", "repeats": "", "warmup": "",
+            "out": "outputs/efficiency/efficiency", "keep": ""}
 NUMBERS = ("batch", "d_model", "n_layers", "n_heads", "d_ff", "repeats", "warmup")  # "" = the device's default
 BY_DEVICE = {  # defaults that depend on the device: (cuda, cpu)
     "size": ("lra", "small"), "seq_lens": ("1024,2048,3072,4096,8192,16384", "256,512,1024,2048,4096"),
@@ -195,6 +198,27 @@ def run_row(core, n, o, backend=None) -> dict:
     return row
 
 
+def kept_rows(path: str, o: dict) -> list[dict]:
+    """The rows of an earlier run's CSV at the lengths this run does not time (numbers parsed back)."""
+    with open(path, newline="") as f:
+        old = list(csv.DictReader(f))
+    for r in old:
+        setup = (r["device"], r["dtype"], int(r["batch"]))
+        if setup != (o["device"], o["dtype"], o["sizes"]["batch"]):
+            raise SystemExit(f"keep={path}: measured with device, dtype, batch = {setup}, not "
+                             f"{(o['device'], o['dtype'], o['sizes']['batch'])}")
+    rows = []
+    for r in old:
+        if int(r["seq_len"]) in o["seq_lens"]:
+            continue
+        row = {k: r[k] for k in COLS}
+        row["seq_len"] = int(r["seq_len"])
+        for k in ("ms/step", "steps/s", "peak MiB", "params"):
+            row[k] = float(row[k]) if row[k] not in ("", "OOM") and not row[k].startswith("error") else row[k]
+        rows.append(row)
+    return rows
+
+
 def relative(rows: list[dict]) -> None:
     """Each row's speed and memory as a multiple of full attention's (its fastest SDPA backend) at its length."""
     base = {r["seq_len"]: r for r in rows if r["core"] == "full"}
@@ -217,7 +241,8 @@ def main(argv: list[str]) -> tuple[list[dict], list[dict]]:
                 setattr(torch._dynamo.config, name, 256)
     for core in o["cores"]:
         model_config(core, o["seq_lens"][0], o)  # every config is checked before anything is timed
-    rows, backends, oom = [], [], set()  # oom: (core, backend) that ran out of memory at a shorter length
+    kept = kept_rows(o["keep"], o) if o["keep"] else []
+    rows, backends, oom = list(kept), [], set()  # oom: (core, backend) that ran out of memory at a shorter length
     for n in o["seq_lens"]:
         measured = []
         for core, backend in [("full", b) for b in o["sdpa_backends"]] + [(c, None) for c in o["cores"][1:]]:
@@ -234,6 +259,7 @@ def main(argv: list[str]) -> tuple[list[dict], list[dict]]:
         rows.append(min(timed, key=lambda r: r["ms/step"]) if timed else full[0])
         rows += [r for r in measured if r["core"] != "full"]
         backends += full
+        rows.sort(key=lambda r: r["seq_len"])  # kept rows of shorter and longer lengths around the new ones
         relative(rows)
         write(rows, backends, o, argv)
     return rows, backends
@@ -255,6 +281,15 @@ def _pivot(rows, lens, key, rel):
     return "\n".join(lines)
 
 
+def kept_note(o: dict, rows: list[dict]) -> str:
+    if not o["keep"]:
+        return ""
+    lens = sorted({r["seq_len"] for r in rows} - set(o["seq_lens"]))
+    timed = ", ".join(map(str, o["seq_lens"]))
+    return (f"The rows at {', '.join(map(str, lens))} tokens are kept from the earlier run in `{o['keep']}` "
+            f"(the same settings; its command is in the .md beside it); this run timed {timed}.\n\n")
+
+
 def write(rows: list[dict], backends: list[dict], o: dict, argv: list[str]) -> None:
     out = Path(o["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -268,10 +303,10 @@ def write(rows: list[dict], backends: list[dict], o: dict, argv: list[str]) -> N
                           for r in backends])
     s = o["sizes"]
     cmd = "python scripts/efficiency.py " + " ".join(argv)
-    params = ", ".join(f"{r['core']} {r['params'] / 1e6:.2f}M" for r in rows if r["params"] != "")
+    params = ", ".join(dict.fromkeys(f"{r['core']} {r['params'] / 1e6:.2f}M" for r in rows if r["params"] != ""))
     Path(f"{out}.md").write_text(
         f"# Efficiency: training steps/s and peak memory per attention core (LRA Table 2's analogue)\n\n"
-        f"```\n{cmd}\n```\n\nMachine: {device_name(o['device'])}; torch {torch.__version__}; "
+        f"```\n{cmd}\n```\n\n{kept_note(o, rows)}Machine: {device_name(o['device'])}; torch {torch.__version__}; "
         f"{platform.platform()}. Model: BERT-layout classifier, {s['n_layers']} layers, d_model {s['d_model']}, "
         f"{s['n_heads']} heads, MLP {s['d_ff']}, dropout {s['dropout']}, batch {s['batch']} "
         f"({'experiment=lra_listops' if o['size'] == 'lra' else 'small CPU size'}); {o['dtype']}; one step = "

@@ -167,3 +167,18 @@ def test_results_page_has_every_comparison_and_its_links_resolve(tmp_path, capsy
 def test_results_mode_rejects_stray_arguments():
     with pytest.raises(ValueError, match="usage: compare.py results"):
         compare.main(["results", "docs"])
+
+
+def test_efficiency_keep_extends_an_earlier_table(tmp_path):
+    first, second = tmp_path / "short", tmp_path / "long"
+    efficiency.main([*TINY, "cores=full,linear", "seq_lens=32", f"out={first}"])
+    rows, _ = efficiency.main([*TINY, "cores=full,linear", "seq_lens=64", f"keep={first}.csv", f"out={second}"])
+    assert [(r["core"], r["seq_len"]) for r in rows] == [("full", 32), ("linear", 32), ("full", 64), ("linear", 64)]
+    kept = {(r["core"], int(r["seq_len"])): float(r["ms/step"]) for r in _csv(f"{first}.csv")}
+    assert rows[1]["ms/step"] == kept[("linear", 32)] and rows[1]["speed x"] == pytest.approx(
+        kept[("full", 32)] / kept[("linear", 32)])
+    md = Path(f"{second}.md").read_text()
+    assert f"kept from the earlier run in `{first}.csv`" in md and "| model | 32 | 64 |" in md
+    with pytest.raises(SystemExit, match="batch"):
+        efficiency.main([*TINY[:-3], "batch=3", "repeats=1", "warmup=1", "cores=full", "seq_lens=64",
+                         f"keep={first}.csv", f"out={second}"])
