@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data.loading import ResumableDataModule
-from data.tokenizers import ByteTokenizer, pad_vocab
+from data.tokenizers import IdTokenizer, pad_vocab
 
 SPLITS = {"train": 0, "val": 1}
 
@@ -89,14 +89,13 @@ class MQARDataModule(ResumableDataModule):
 
     @property
     def vocab_size(self) -> int:
-        # at least the byte tokenizer's ids (see load_tokenizer): train.py's end-of-run sample and
-        # scripts/generate.py feed it text; the extra rows cost nothing and are never targets
-        return pad_vocab(max(self.vocab, ByteTokenizer().n_tokens))
+        # the task's own ids (to a multiple of 64): not the byte tokenizer's 261, as a wider output layer slows
+        # recall down a lot (see data.tokenizers.IdTokenizer)
+        return pad_vocab(self.vocab)
 
     def load_tokenizer(self):
-        # MQAR tokens are bare ids, not text; checkpoints store a tokenizer so that the scripts can load them,
-        # and the byte one is the one that needs no state (its decoding of MQAR ids is meaningless)
-        return ByteTokenizer()
+        # MQAR tokens are bare ids: checkpoints carry the ids tokenizer (prompts and samples as integers)
+        return IdTokenizer(self.vocab)
 
     def setup(self, stage=None):
         kw = dict(vocab_size=self.vocab, seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs, seed=self.seed)

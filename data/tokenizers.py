@@ -35,6 +35,37 @@ class ByteTokenizer:
         return list(range(256, self.n_tokens))
 
 
+class IdTokenizer:
+    """Synthetic tasks' tokens (MQAR, duplication): ids 0..n-1, written as space-separated integers. Their models
+    keep the task's vocabulary: padded up to the byte tokenizer's ids, an MQAR model at vocabulary 64 got an
+    output layer 5x too wide, and exact attention sat at 0.37 recall after 1,500 steps instead of reaching
+    1.0 by step 500 (CPU, d_model 64, 8 pairs)."""
+
+    name = "ids"
+
+    def __init__(self, n_tokens: int):
+        self.n_tokens = n_tokens
+        self.eos_id = 0  # the tasks' filler token: what a sample starts from
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            ids = [int(w) for w in text.split()]
+        except ValueError:
+            raise ValueError(f"this model reads token ids: a prompt is space-separated integers in "
+                             f"[0, {self.n_tokens}), got {text!r}") from None
+        bad = [i for i in ids if not 0 <= i < self.n_tokens]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} outside [0, {self.n_tokens}) in the prompt {text!r}")
+        return ids
+
+    def decode(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    @property
+    def special_ids(self) -> list[int]:
+        return []
+
+
 class BPETokenizer:
     """Byte-level BPE (GPT-2's scheme) trained with `tokenizers` on the training split, cached as JSON."""
 
@@ -96,6 +127,8 @@ def tokenizer_state(tok) -> dict:
     """What a checkpoint stores to rebuild its tokenizer with no corpus and no cache."""
     if isinstance(tok, ByteTokenizer):
         return {"kind": "byte"}
+    if isinstance(tok, IdTokenizer):
+        return {"kind": "ids", "n_tokens": tok.n_tokens}
     return {"kind": "bpe", "json": tok.tok.to_str()}
 
 
@@ -106,4 +139,6 @@ def tokenizer_from_state(state: dict):
         from tokenizers import Tokenizer
 
         return BPETokenizer(Tokenizer.from_str(state["json"]))
-    raise ValueError(f"tokenizer state kind={state.get('kind')!r}; valid choices: {', '.join(TOKENIZERS)}")
+    if state.get("kind") == "ids":
+        return IdTokenizer(int(state["n_tokens"]))
+    raise ValueError(f"tokenizer state kind={state.get('kind')!r}; valid choices: {', '.join(TOKENIZERS)}, ids")

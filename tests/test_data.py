@@ -31,6 +31,20 @@ def test_byte_tokenizer_round_trips_unicode():
     assert tok.n_tokens == 261 and tok.mask_id not in tok.encode(text)
 
 
+def test_ids_tokenizer_round_trips_refuses_text_and_survives_the_checkpoint():
+    from data.mqar import MQARDataModule
+    dm = MQARDataModule(vocab_size=64, seq_len=32, num_kv_pairs=4)
+    tok = dm.load_tokenizer()
+    assert dm.vocab_size == 64 and tok.n_tokens == 64  # the task's ids, not the byte tokenizer's 261
+    assert tok.encode(" 3 17\n40 ") == [3, 17, 40] and tok.decode([3, 17, 40]) == "3 17 40"
+    with pytest.raises(ValueError, match=r"space-separated integers in \[0, 64\)"):
+        tok.encode("def ")
+    with pytest.raises(ValueError, match=r"\[64\] outside \[0, 64\)"):
+        tok.encode("1 64")
+    again = tokenizer_from_state(tokenizer_state(tok))
+    assert again.name == "ids" and again.n_tokens == 64 and again.encode("5") == [5]
+
+
 def test_bpe_round_trips_and_survives_the_checkpoint(tmp_path):
     texts = [d.text for d in load_corpus(JSON_PKG)]
     tok = build_tokenizer("bpe", texts, vocab_size=300, cache_dir=tmp_path, key="json")
