@@ -17,6 +17,7 @@ that config without Hydra: one directory, one config, one logger run per run, al
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -226,8 +227,17 @@ def _overrides():
         return []
 
 
+def short_dirname(name: str, limit: int = 120) -> str:
+    """A sweep job's directory from its overrides, cut to `limit` characters plus a hash of the whole, so
+    that many overrides cannot exceed the file system's 255-byte names (distinct jobs keep distinct names)."""
+    if len(name) <= limit:
+        return name
+    return f"{name[:limit]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
 # `${cuda_or:4096,1024}` in model files (zoo.models.registry resolves it the same way outside Hydra)
 OmegaConf.register_new_resolver("cuda_or", cuda_or, replace=True)
+OmegaConf.register_new_resolver("short_dirname", short_dirname, replace=True)  # conf/hydra/default.yaml
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -194,3 +194,12 @@ def test_resume_continues_the_same_wandb_run(tmp_path, gpt_run):
     run(tmp_path, f"ckpt_path={last}", "trainer.max_steps=22")
     assert list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}")), "the resumed run started a new wandb run"
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["zoo_run"]["wandb_id"] == run_id
+
+
+def test_sweep_job_directories_stay_short_and_distinct():
+    """Hydra names a sweep job's directory after its overrides; a long list once failed the run with
+    'File name too long' (conf/hydra/default.yaml cuts it through train.short_dirname)."""
+    long = ",".join(f"++model.attention.option_{i}={i}" for i in range(20))
+    a, b = train_script.short_dirname(long + ",attention=causal"), train_script.short_dirname(long + ",attention=linear")
+    assert len(a) <= 129 and a != b and train_script.short_dirname("attention=causal") == "attention=causal"
+    assert "short_dirname" in (ROOT / "conf" / "hydra" / "default.yaml").read_text()
