@@ -51,34 +51,43 @@ def _prec(dtype: torch.dtype) -> str:
 # ------------------------------------------------------------------------------------------ attention, forward
 
 @triton.jit
-def _fwd_states(k, v, h, zs, seg_s, seg_z, N, M, DV, NC, NV,
-                C: tl.constexpr, CPS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Within segment g (CPS chunks): the state before each chunk counted from the segment's start, and the
-    segment's total. The segments' prefix is added by the consumers (a short sequential walk per program)."""
+def _state_tile(NV, M, DV, BK: tl.constexpr, BV: tl.constexpr):
+    """A state-walk program's (batch*head, segment, m tile, dv tile) and its (m, dv) tile's offsets and masks."""
     i_bh, i_kv, i_g = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     i_k, i_v = i_kv // NV, i_kv % NV
     ok = i_k * BK + tl.arange(0, BK)
     ov = i_v * BV + tl.arange(0, BV)
     mk, mv = ok < M, ov < DV
-    m2 = mk[:, None] & mv[None, :]
+    return i_bh, i_g, i_k, i_v, ok, ov, mk, mk[:, None] & mv[None, :]
+
+
+@triton.jit
+def _store_state(s_ptr, z_ptr, base, DV, s, z, ok, ov, mk, m2, i_v):
+    """One (m, dv) tile of a state at row `base`, and its normaliser part, written once per m tile."""
+    tl.store(s_ptr + base * DV + ok[:, None] * DV + ov[None, :], s.to(s_ptr.dtype.element_ty), mask=m2)
+    if i_v == 0:
+        tl.store(z_ptr + base + ok, z, mask=mk)
+
+
+@triton.jit
+def _fwd_states(k, v, h, zs, seg_s, seg_z, N, M, DV, NC, NV,
+                C: tl.constexpr, CPS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Within segment g (CPS chunks): the state before each chunk counted from the segment's start, and the
+    segment's total. The segments' prefix is added by the consumers (a short sequential walk per program)."""
+    i_bh, i_g, i_k, i_v, ok, ov, mk, m2 = _state_tile(NV, M, DV, BK, BV)
     s = tl.zeros([BK, BV], dtype=tl.float32)
     z = tl.zeros([BK], dtype=tl.float32)
     for i in range(tl.minimum(CPS, NC - i_g * CPS)):
         c = i_g * CPS + i
         base = (i_bh * NC + c) * M
-        tl.store(h + base * DV + ok[:, None] * DV + ov[None, :], s.to(h.dtype.element_ty), mask=m2)
-        if i_v == 0:
-            tl.store(zs + base + ok, z, mask=mk)
+        _store_state(h, zs, base, DV, s, z, ok, ov, mk, m2, i_v)
         p_k = tl.make_block_ptr(k + i_bh * N * M, (N, M), (M, 1), (c * C, i_k * BK), (C, BK), (1, 0))
         p_v = tl.make_block_ptr(v + i_bh * N * DV, (N, DV), (DV, 1), (c * C, i_v * BV), (C, BV), (1, 0))
         b_k = tl.load(p_k, boundary_check=(0, 1))
         b_v = tl.load(p_v, boundary_check=(0, 1))
         s += tl.dot(tl.trans(b_k), b_v, input_precision=PREC)
         z += tl.sum(b_k.to(tl.float32), axis=0)
-    sb = (i_bh * tl.num_programs(2) + i_g) * M
-    tl.store(seg_s + sb * DV + ok[:, None] * DV + ov[None, :], s, mask=m2)
-    if i_v == 0:
-        tl.store(seg_z + sb + ok, z, mask=mk)
+    _store_state(seg_s, seg_z, (i_bh * tl.num_programs(2) + i_g) * M, DV, s, z, ok, ov, mk, m2, i_v)
 
 
 @triton.jit
@@ -146,21 +155,14 @@ def _bwd_states(q, g, r, dh, dzs, seg_ds, seg_dz, N, M, DV, NC, NV,
     """dS_c, dz_c within segment g, walked from its last chunk back (the gradient reaching the state before
     chunk c from the segment's later positions), and the segment's total; the later segments' part (and the
     final state's own gradient) is added by the consumer."""
-    i_bh, i_kv, i_g = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-    i_k, i_v = i_kv // NV, i_kv % NV
-    ok = i_k * BK + tl.arange(0, BK)
-    ov = i_v * BV + tl.arange(0, BV)
-    mk, mv = ok < M, ov < DV
-    m2 = mk[:, None] & mv[None, :]
+    i_bh, i_g, i_k, i_v, ok, ov, mk, m2 = _state_tile(NV, M, DV, BK, BV)
     ds = tl.zeros([BK, BV], dtype=tl.float32)
     dz = tl.zeros([BK], dtype=tl.float32)
     n_local = tl.minimum(CPS, NC - i_g * CPS)
     for i in range(n_local):
         c = i_g * CPS + n_local - 1 - i
         base = (i_bh * NC + c) * M
-        tl.store(dh + base * DV + ok[:, None] * DV + ov[None, :], ds.to(dh.dtype.element_ty), mask=m2)
-        if i_v == 0:
-            tl.store(dzs + base + ok, dz, mask=mk)
+        _store_state(dh, dzs, base, DV, ds, dz, ok, ov, mk, m2, i_v)
         p_q = tl.make_block_ptr(q + i_bh * N * M, (N, M), (M, 1), (c * C, i_k * BK), (C, BK), (1, 0))
         p_g = tl.make_block_ptr(g + i_bh * N * DV, (N, DV), (DV, 1), (c * C, i_v * BV), (C, BV), (1, 0))
         b_q = tl.load(p_q, boundary_check=(0, 1))
@@ -169,10 +171,7 @@ def _bwd_states(q, g, r, dh, dzs, seg_ds, seg_dz, N, M, DV, NC, NV,
         b_r = tl.load(r + i_bh * N + pos, mask=pos < N, other=0.0)
         ds += tl.dot(tl.trans(b_q), b_g, input_precision=PREC)
         dz += tl.sum(b_q.to(tl.float32) * b_r[:, None], axis=0)
-    sb = (i_bh * tl.num_programs(2) + i_g) * M
-    tl.store(seg_ds + sb * DV + ok[:, None] * DV + ov[None, :], ds, mask=m2)
-    if i_v == 0:
-        tl.store(seg_dz + sb + ok, dz, mask=mk)
+    _store_state(seg_ds, seg_dz, (i_bh * tl.num_programs(2) + i_g) * M, DV, ds, dz, ok, ov, mk, m2, i_v)
 
 
 @triton.jit
