@@ -103,9 +103,7 @@ def print_sample(net, dm, cfg: DictConfig) -> None:
     net = net.eval()
     device = next(net.parameters()).device
     if net.cfg.arch == "decoder":
-        # synthetic tasks (ids tokenizer) have no text prompt: their sample starts from the filler token
-        prompt = [] if getattr(tok, "name", "") == "ids" else tok.encode(cfg.sample.prompt)
-        ids = torch.tensor([prompt or [tok.eos_id]], device=device)
+        ids = torch.tensor([tok.encode(cfg.sample.prompt) or [tok.eos_id]], device=device)
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         # RETRO samples with neighbours retrieved from the training database, chunk by chunk
         retrieve = dm.retriever() if getattr(net.cfg, "retrieval", False) and hasattr(dm, "retriever") else None
