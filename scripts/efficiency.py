@@ -303,7 +303,12 @@ def write(rows: list[dict], backends: list[dict], o: dict, argv: list[str]) -> N
                           for r in backends])
     s = o["sizes"]
     cmd = "python scripts/efficiency.py " + " ".join(argv)
-    params = ", ".join(dict.fromkeys(f"{r['core']} {r['params'] / 1e6:.2f}M" for r in rows if r["params"] != ""))
+    counts: dict[str, list[float]] = {}
+    for r in rows:
+        if r["params"] != "":
+            counts.setdefault(r["core"], []).append(r["params"] / 1e6)
+    params = ", ".join(f"{c} {min(v):.2f}M" if max(v) - min(v) < 0.005 else f"{c} {min(v):.2f}-{max(v):.2f}M"
+                       for c, v in counts.items())
     Path(f"{out}.md").write_text(
         f"# Efficiency: training steps/s and peak memory per attention core (LRA Table 2's analogue)\n\n"
         f"```\n{cmd}\n```\n\n{kept_note(o, rows)}Machine: {device_name(o['device'])}; torch {torch.__version__}; "
@@ -311,7 +316,7 @@ def write(rows: list[dict], backends: list[dict], o: dict, argv: list[str]) -> N
         f"{s['n_heads']} heads, MLP {s['d_ff']}, dropout {s['dropout']}, batch {s['batch']} "
         f"({'experiment=lra_listops' if o['size'] == 'lra' else 'small CPU size'}); {o['dtype']}; one step = "
         f"forward + backward + AdamW; median of {o['repeats']} after {o['warmup']} warm-up steps. "
-        f"Parameters: {params}.\n\n"
+        f"Parameters (a range where they differ between lengths): {params}.\n\n"
         f"## Training steps per second (x = relative to full attention)\n\n{_pivot(rows, lens, 'steps/s', 'speed x')}"
         f"\n\n## Peak memory, {unit} (x = relative to full attention)\n\n{_pivot(mem, lens, 'peak', 'memory x')}\n\n"
         f"Full attention's fastest SDPA backend per length: {best}. Every backend timed:\n\n{btable}\n")

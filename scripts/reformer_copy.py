@@ -3,6 +3,7 @@ model (full attention, LSH-1/2/4) evaluated on the duplication task with full at
 
     python scripts/reformer_copy.py outputs/multiruns/<time>
     python scripts/reformer_copy.py outputs/multiruns/<time> out=docs/results/reformer_copy n_eval=512 lsh_chunk=16
+    python scripts/reformer_copy.py DIR device=cpu                    # evaluates on the GPU when there is one
 
 Reads every last.ckpt below the directory. "Full" evaluation is the lsh core with one chunk covering the
 sequence (exact shared-QK attention with the self-mask rule); LSH-k uses the LSH arms' chunk length with k
@@ -110,7 +111,8 @@ def main(argv: list[str]) -> dict:
     from data.duplication import generate_duplication
     from zoo import load_checkpoint
 
-    args = {"out": None, "n_eval": "512", "vocab_size": "128", "seed": "1234", "lsh_chunk": None}
+    args = {"out": None, "n_eval": "512", "vocab_size": "128", "seed": "1234", "lsh_chunk": None,
+            "device": "cuda" if torch.cuda.is_available() else "cpu"}
     root = None
     for a in argv:
         key, sep, value = a.partition("=")
@@ -120,13 +122,17 @@ def main(argv: list[str]) -> dict:
             root = Path(a)
         else:
             raise ValueError(f"unexpected argument {a!r}; usage: reformer_copy.py DIR [out=PATH] [n_eval=N] "
-                             "[vocab_size=V] [seed=S] [lsh_chunk=L]")
+                             "[vocab_size=V] [seed=S] [lsh_chunk=L] [device=cpu|cuda]")
     if root is None:
         raise ValueError("no directory given; usage: reformer_copy.py DIR [out=PATH]")
-    models = {}
+    models, paths = {}, {}
     for ckpt in sorted(root.rglob("last.ckpt")):
         model, cfg = load_checkpoint(ckpt)
-        models[_arm(cfg)] = model
+        arm = _arm(cfg)
+        if arm in models:  # two runs of one arm (e.g. a rerun in the same folder): which one is meant is unknown
+            raise ValueError(f"two checkpoints of the {arm!r} arm below {root}: {paths[arm]} and {ckpt}; "
+                             "point reformer_copy.py at a folder with one run per arm")
+        models[arm], paths[arm] = model.to(args["device"]), ckpt
     if not models:
         raise ValueError(f"no last.ckpt below {root}: run `python train.py -m experiment=reformer_copy` first")
     lsh = [m for k, m in models.items() if k != "full"]
@@ -134,6 +140,7 @@ def main(argv: list[str]) -> dict:
     seq_len = next(iter(models.values())).cfg.max_seq_len
     x, y = generate_duplication(int(args["n_eval"]), vocab_size=int(args["vocab_size"]), seq_len=seq_len,
                                 seed=int(args["seed"]), split="val")
+    x, y = x.to(args["device"]), y.to(args["device"])
     matrix = accuracy_matrix(models, x, y, lsh_chunk)
     out = Path(args["out"]) if args["out"] else root / "reformer_copy"
     out.parent.mkdir(parents=True, exist_ok=True)
