@@ -8,7 +8,8 @@ Dispatch groups tokens by expert: the (token, expert) assignments are sorted by 
 expert's tokens form one contiguous slice, and the experts run as one grouped matmul over those
 slices (`torch._grouped_mm`, no host sync). Where the grouped matmul is unavailable for the device or
 dtype, the same sorted slices run as one matmul per expert (a loop over the E experts, never over
-tokens). `reference()` is the plain version the tests hold both to: every expert on every token,
+tokens). Without a capacity limit the (token, expert) rows are a permutation, so tokens travel to their
+experts and back by gathers in both directions (no scatter-add). `reference()` is the plain version the tests hold both to: every expert on every token,
 weighted by its (possibly zero) gate.
 
 Auxiliary losses are not returned by forward (the FFN keeps the block's calling convention): each
@@ -45,6 +46,22 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
             ok = False
     _GROUPED_OK[(device.type, dtype)] = ok
     return ok
+
+
+class _PermuteRows(torch.autograd.Function):
+    """x[perm] for a permutation `perm` whose inverse is given. Autograd's own backward of x[index] is a
+    scatter-add (an accumulating index_put: a sort, or atomics, since it cannot know the indices are distinct);
+    for a permutation the gradient is the gather by the inverse."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
 
 
 class MoE(nn.Module):
@@ -127,7 +144,7 @@ class MoE(nn.Module):
         return self.drop(y.view(b, n, d))
 
     def _sparse(self, x, weights, experts):
-        t, e = x.shape[0], self.n_experts
+        t, e, k = x.shape[0], self.n_experts, self.top_k
         # slot-major flattening: within an expert's group, all first choices come before second choices, so a
         # capacity limit drops second choices first (GShard's priority), and tokens in order within a slot
         flat_expert = experts.t().reshape(-1)
@@ -135,22 +152,30 @@ class MoE(nn.Module):
         order = flat_expert.argsort(stable=True)
         counts = torch.zeros(e, dtype=torch.long, device=x.device).scatter_add_(
             0, flat_expert, torch.ones_like(flat_expert))
-        cap = self.capacity(t)
-        if cap is not None:
-            sorted_expert = flat_expert[order]
-            start = counts.cumsum(0) - counts
-            rank = torch.arange(order.numel(), device=x.device) - start[sorted_expert]
-            order = order[rank < cap]  # dropped assignments add nothing: the residual carries the token
-            counts = counts.clamp(max=cap)
-        token = order % t
-        xs = x[token]
         if torch.is_autocast_enabled(x.device.type):  # autocast does not cover the grouped matmul: cast as it would
-            xs = xs.to(torch.get_autocast_dtype(x.device.type))
-        h = self._experts_mm(xs, self.w13, counts)
-        gate, up = h.chunk(2, dim=-1)
-        out = self._experts_mm(F.silu(gate) * up, self.w2, counts)
-        out = out * flat_weight[order].to(out.dtype)[:, None]
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        cap = self.capacity(t)
+        if cap is None:
+            # every assignment runs, so `order` permutes the k*T slot-major rows: tokens go to their experts and
+            # outputs come back by gathers, forward and backward, with no scatter-add; then each token's k
+            # outputs are summed slot by slot
+            inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+            xs = _PermuteRows.apply(x.repeat(k, 1), order, inverse)
+            out = self._expert_outputs(xs, flat_weight[order], counts)
+            return _PermuteRows.apply(out, inverse, order).view(k, t, -1).sum(0)
+        sorted_expert = flat_expert[order]
+        start = counts.cumsum(0) - counts
+        rank = torch.arange(order.numel(), device=x.device) - start[sorted_expert]
+        order = order[rank < cap]  # dropped assignments add nothing: the residual carries the token
+        token = order % t
+        out = self._expert_outputs(x[token], flat_weight[order], counts.clamp(max=cap))
         return out.new_zeros(x.shape).index_add_(0, token, out)
+
+    def _expert_outputs(self, xs, gates, counts):
+        """SwiGLU of each expert over its contiguous slice of xs, scaled by the rows' gate weights."""
+        gate, up = self._experts_mm(xs, self.w13, counts).chunk(2, dim=-1)
+        out = self._experts_mm(F.silu(gate) * up, self.w2, counts)
+        return out * gates.to(out.dtype)[:, None]
 
     def _experts_mm(self, xs, w, counts):
         """Row slice i of xs (counts[i] rows, in expert order) times w[i].T, for every expert i."""
