@@ -13,6 +13,12 @@ the context; here the query slots are uniform over the query region (longer key-
 average, which is what separates a fixed window or a fixed-size state from full attention).
 
 Deterministic: the examples of a split are a function of (seed, split) only.
+
+`train_mix` trains on Zoology's mixture instead of the evaluated setting alone: a list of
+[seq_len, num_kv_pairs, num_examples] parts, each generated at its own length and pairs, then right-padded
+with the filler (labels -100) to the model's length. Zoology's own mixture is 100K examples of (64, 4) and
+20K each of (128, 8), (256, 16), (256, 32), (256, 64): the short, few-pair examples are where recall is
+learned first, and the induction head then serves every setting. Validation stays at (seq_len, num_kv_pairs).
 """
 from __future__ import annotations
 
@@ -61,6 +67,40 @@ def generate_mqar(n: int, *, vocab_size: int, seq_len: int, num_kv_pairs: int, s
     return torch.from_numpy(seq[:, :-1].copy()), torch.from_numpy(labels)
 
 
+def check_train_mix(train_mix, vocab_size: int, seq_len: int) -> list[tuple[int, int, int]]:
+    """data.train_mix as (seq_len, num_kv_pairs, num_examples) tuples, each checked; errors name the part."""
+    if isinstance(train_mix, (str, bytes)) or not hasattr(train_mix, "__len__") or not len(train_mix):
+        raise ValueError(f"data.train_mix must be a non-empty list of [seq_len, num_kv_pairs, num_examples], "
+                         f"got {train_mix!r}")
+    parts = []
+    for i, part in enumerate(train_mix):
+        if isinstance(part, (str, bytes)) or not hasattr(part, "__len__") or len(part) != 3 \
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in part):
+            raise ValueError(f"data.train_mix[{i}]={part!r}: expected [seq_len, num_kv_pairs, num_examples] "
+                             "(three integers)")
+        n, pairs, count = part
+        if not 1 <= n <= seq_len or count < 1:
+            raise ValueError(f"data.train_mix[{i}]={list(part)}: seq_len must be 1 .. data.seq_len ({seq_len}) "
+                             f"and num_examples positive")
+        try:
+            check_mqar(vocab_size, n, pairs)
+        except ValueError as e:
+            raise ValueError(f"data.train_mix[{i}]={list(part)}: {e}") from None
+        parts.append((n, pairs, count))
+    return parts
+
+
+def generate_mqar_mix(parts, *, vocab_size: int, seq_len: int, seed: int):
+    """The train split of a mixture: each part at its own length and pairs (its own seed stream), right-padded
+    with filler and -100 to seq_len, parts concatenated (the loader shuffles)."""
+    xs, ys = [], []
+    for i, (n, pairs, count) in enumerate(parts):
+        x, y = generate_mqar(count, vocab_size=vocab_size, seq_len=n, num_kv_pairs=pairs, seed=seed * 1000 + i)
+        xs.append(torch.nn.functional.pad(x, (0, seq_len - n), value=0))
+        ys.append(torch.nn.functional.pad(y, (0, seq_len - n), value=-100))
+    return torch.cat(xs), torch.cat(ys)
+
+
 class _MQARSet(Dataset):
     def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor):
         self.input_ids, self.labels = input_ids, labels
@@ -78,9 +118,10 @@ class MQARDataModule(ResumableDataModule):
 
     def __init__(self, vocab_size: int = 256, seq_len: int = 128, num_kv_pairs: int = 8, num_train: int = 20000,
                  num_val: int = 1000, batch_size: int = 64, seed: int = 1234, num_workers: int = 0,
-                 max_val_batches: int | None = None):
+                 max_val_batches: int | None = None, train_mix=None):
         super().__init__()
         check_mqar(vocab_size, seq_len, num_kv_pairs)
+        self.train_mix = None if train_mix is None else check_train_mix(train_mix, vocab_size, seq_len)
         if batch_size < 1 or num_train < 1 or num_val < 1:
             raise ValueError("data.batch_size, data.num_train and data.num_val must be positive")
         self.vocab, self.seq_len, self.num_kv_pairs = vocab_size, seq_len, num_kv_pairs
@@ -100,5 +141,9 @@ class MQARDataModule(ResumableDataModule):
     def setup(self, stage=None):
         kw = dict(vocab_size=self.vocab, seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs, seed=self.seed)
         n_val = min(self.num_val, self.max_val_batches * self.batch_size) if self.max_val_batches else self.num_val
-        self.train_set = _MQARSet(*generate_mqar(self.num_train, split="train", **kw))
+        if self.train_mix is None:
+            self.train_set = _MQARSet(*generate_mqar(self.num_train, split="train", **kw))
+        else:  # data.num_train does not apply: the parts give their own counts
+            self.train_set = _MQARSet(*generate_mqar_mix(self.train_mix, vocab_size=self.vocab, seq_len=self.seq_len,
+                                                         seed=self.seed))
         self.val_set = _MQARSet(*generate_mqar(n_val, split="val", **kw))

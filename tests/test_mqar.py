@@ -58,6 +58,31 @@ def test_bad_sizes_name_the_field(kw, message):
         MQARDataModule(**args)
 
 
+def test_train_mix_pads_each_part_and_keeps_validation_at_the_evaluated_setting():
+    dm = MQARDataModule(vocab_size=64, seq_len=48, num_kv_pairs=8, num_val=10,
+                        train_mix=[[16, 2, 30], [48, 8, 20]])
+    dm.setup()
+    x, y = dm.train_set.input_ids, dm.train_set.labels
+    assert x.shape == y.shape == (50, 48)
+    answered = (y != -100).sum(1)
+    assert (answered[:30] == 2).all() and (answered[30:] == 8).all()
+    assert (x[:30, 16:] == 0).all() and (y[:30, 16:] == -100).all()  # the short part's padding: filler, unscored
+    part, _ = generate_mqar(30, vocab_size=64, seq_len=16, num_kv_pairs=2, seed=dm.seed * 1000)
+    assert torch.equal(x[:30, :16], part)  # each part is the plain generator at its own size
+    assert ((dm.val_set.labels != -100).sum(1) == 8).all()  # validation: the evaluated setting
+
+
+@pytest.mark.parametrize("mix,message", [
+    ([[16, 2]], r"data.train_mix\[0\]=\[16, 2\]: expected \[seq_len, num_kv_pairs, num_examples\]"),
+    ([[16, 2, 5], [64, 4, 5]], r"data.train_mix\[1\]=\[64, 4, 5\]: seq_len must be 1 .. data.seq_len \(48\)"),
+    ([[16, 6, 5]], r"data.train_mix\[0\]=\[16, 6, 5\]: data.seq_len=16 is too short"),
+    ([], "data.train_mix must be a non-empty list"),
+])
+def test_bad_train_mix_names_the_part(mix, message):
+    with pytest.raises(ValueError, match=message):
+        MQARDataModule(vocab_size=64, seq_len=48, num_kv_pairs=8, train_mix=mix)
+
+
 def _recall_accuracy(attention, steps: int = 200, seed: int = 0) -> float:
     """A 2-layer, 64-wide decoder trained on 8-pair MQAR (vocab 64, 64 tokens) for `steps` batches of 64;
     accuracy at the 4096 query positions of 512 held-out examples."""
@@ -102,5 +127,13 @@ def test_smoke_trains_mqar_experiment(tmp_path):
     cfg = make_cfg(tmp_path, "experiment=mqar", "attention=performer", "data.num_kv_pairs=4", "data.vocab_size=64",
                    "data.num_train=200", "data.num_val=32", "model.max_seq_len=32", "model.d_model=32")
     assert cfg.task._target_ == "zoo.tasks.recall.AssociativeRecall" and cfg.model.n_layers == 2
+    metrics = train_script.train(cfg)
+    assert metrics["global_step"] == 20 and 0.0 <= metrics["val/acc"] <= 1.0
+
+
+def test_smoke_trains_on_a_train_mix_from_the_command_line(tmp_path):
+    cfg = make_cfg(tmp_path, "experiment=mqar", "attention=causal", "data.num_kv_pairs=4", "data.vocab_size=64",
+                   "data.train_mix=[[16,2,120],[32,4,80]]", "data.num_val=32", "model.max_seq_len=32",
+                   "model.d_model=32")
     metrics = train_script.train(cfg)
     assert metrics["global_step"] == 20 and 0.0 <= metrics["val/acc"] <= 1.0
