@@ -5,6 +5,7 @@
     python train.py model=gpt attention=causal data.tokenizer=bpe
     python train.py model=gpt debug=smoke             # a few tiny steps: does this config train?
     python train.py ckpt_path=outputs/runs/.../checkpoints/last.ckpt   # resume (same wandb run)
+    python train.py -m ... hydra.sweep.dir=D ckpt_path=auto             # rerun: each job resumes its own last.ckpt
     python train.py -m model=gpt,bert                 # a sweep; then scripts/compare.py outputs/multiruns/...
 
 Each run writes outputs/runs/<time>_<name>/: checkpoints/{last,best-*}.ckpt, metrics.json, the
@@ -120,6 +121,24 @@ def print_sample(net, dm, cfg: DictConfig) -> None:
               + tok.decode(filled) + "\n")
 
 
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """ckpt_path=auto resumes from this run directory's own last.ckpt when there is one and starts afresh when
+    there is none: rerunning a command into the same directory (a fixed hydra.run.dir, or hydra.sweep.dir for
+    every job of a sweep) continues where it was interrupted. Any other value is a path, or null."""
+    path = cfg.get("ckpt_path")
+    if path != "auto":
+        return path
+    ckpt_dir = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
+    if ckpt_dir is None:
+        raise ValueError("ckpt_path=auto looks for last.ckpt where callbacks.model_checkpoint writes it; "
+                         "this config has no callbacks.model_checkpoint.dirpath")
+    last = Path(ckpt_dir) / "last.ckpt"
+    if last.exists():
+        print(f"[zoo] ckpt_path=auto: resuming from {last}")
+        return str(last)
+    return None
+
+
 def train(cfg: DictConfig) -> dict:
     env = dict(os.environ)
     try:
@@ -138,10 +157,14 @@ def _train(cfg: DictConfig) -> dict:
     check_sizes(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
-    resume_id = None
+    resume_id, start_step = None, None
+    with open_dict(cfg):
+        cfg.ckpt_path = resolve_ckpt_path(cfg)
     if cfg.get("ckpt_path"):
         # validate before anything is built or written: a bad path fails here, not after an epoch
-        resume_id = read_checkpoint(cfg.ckpt_path).get("zoo_run", {}).get("wandb_id")
+        ckpt = read_checkpoint(cfg.ckpt_path)
+        resume_id, start_step = ckpt.get("zoo_run", {}).get("wandb_id"), ckpt.get("global_step")
+        del ckpt
 
     dm = instantiate(cfg.data)
     with open_dict(cfg):
@@ -175,6 +198,11 @@ def _train(cfg: DictConfig) -> dict:
         print(f"[zoo] {e}\n[zoo] last good checkpoint: {last or 'none was written yet'}", file=sys.stderr)
         raise SystemExit(2) from None
 
+    if start_step is not None and trainer.global_step == start_step and (out_dir / "metrics.json").exists():
+        # a resume of a run that had already finished trains nothing: its results stay as they were written
+        if trainer.is_global_zero:
+            print(f"[zoo] {out_dir} had already reached step {start_step}: nothing trained, metrics.json kept")
+        return json.loads((out_dir / "metrics.json").read_text())
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     metrics.update({"params": n_params, "global_step": trainer.global_step})
     if trainer.is_global_zero:

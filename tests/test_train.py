@@ -114,6 +114,25 @@ def test_resume_ends_with_the_same_weights(tmp_path, model):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
+def test_ckpt_path_auto_starts_afresh_resumes_and_keeps_a_finished_run(tmp_path, capsys):
+    """A rerun into the same directory: no checkpoint yet -> a fresh start; an interrupted run -> it continues
+    from its own last.ckpt (the same weights as one go); a finished run -> nothing trained, results kept."""
+    common = ["trainer.max_steps=12", "trainer.val_check_interval=4", "logger=csv"]
+    run(tmp_path / "straight", *common)
+    run(tmp_path / "auto", *common, "ckpt_path=auto", callbacks={"stop": {"_target_": "helpers.StopAtStep", "step": 8}})
+    last = tmp_path / "auto" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 8
+    metrics, _ = run(tmp_path / "auto", *common, "ckpt_path=auto")
+    assert metrics["global_step"] == 12 and f"resuming from {last}" in capsys.readouterr().out
+    a = _weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    for k, v in _weights(last).items():
+        torch.testing.assert_close(v, a[k], atol=1e-6, rtol=1e-5, msg=k)
+    written = (tmp_path / "auto" / "metrics.json").read_text()
+    again, _ = run(tmp_path / "auto", *common, "ckpt_path=auto")
+    assert "nothing trained, metrics.json kept" in capsys.readouterr().out
+    assert (tmp_path / "auto" / "metrics.json").read_text() == written and again == json.loads(written)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run(tmp_path, "trainer.max_steps=30", "logger=csv",
