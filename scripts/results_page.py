@@ -255,6 +255,13 @@ def unfinished(csv_path: Path, log: Path, longest: int) -> str:
     return text
 
 
+def mqar_widths(name: str, widths: tuple[int, ...]) -> str:
+    """An MQAR pivot file's per-width tables (in the order compare.py wrote them) and its file links."""
+    path = RESULTS / f"{name}.md"
+    tables = "\n\n".join(f"*d_model {w}*\n\n" + table(path, "core", i) for i, w in enumerate(widths))
+    return tables + "\n\nFiles: " + links(*(f"results/{name}.{ext}" for ext in ("md", "csv", "png")))
+
+
 def section(title, commands, ours, paper, verdict) -> str:
     cmds = "\n".join(commands)
     return (f"## {title}\n\n```bash\n{cmds}\n```\n\n**Ours.** {ours}\n\n**Paper.** {paper}\n\n"
@@ -354,10 +361,8 @@ def sections() -> list[tuple]:
          + table(R / "mqar_h200.md", "core") + "\n\n(–: the run was cut by the time limit.) Files: "
          + links("results/mqar_h200.md", "results/mqar_h200.csv", "results/mqar_h200.png")
          + ".\n\nA second H200 attempt, with the current recipe at vocabulary 256 and 3,000 steps (widths 64 and "
-         "256; ten sweeps sharing the GPU, 420 s each: –: cut before its first validation):\n\n*d_model 64*\n\n"
-         + table(R / "mqar_h200_vocab256.md", "core") + "\n\n*d_model 256*\n\n"
-         + table(R / "mqar_h200_vocab256.md", "core", 1) + "\n\nFiles: "
-         + links("results/mqar_h200_vocab256.md", "results/mqar_h200_vocab256.csv", "results/mqar_h200_vocab256.png")
+         "256; ten sweeps sharing the GPU, 420 s each: –: cut before its first validation):\n\n"
+         + mqar_widths("mqar_h200_vocab256", (64, 256))
          + ".\n\nOn CPU (2 cores, about a minute a run), with the current recipe (init and vocabulary below), at "
          "width 64, vocabulary 64, 64 tokens and 1,000 steps: `python train.py -m experiment=mqar "
          "attention=causal,sliding_window,sparse_strided,performer,linear model.d_model=64 model.max_seq_len=64 "
@@ -366,17 +371,12 @@ def sections() -> list[tuple]:
          "++model.attention.chunk_length=16 hydra.sweep.dir=outputs/multiruns/mqar_cpu/mqar`, the same for "
          "experiment=mqar_lsh, mqar_moe and mqar_xl (into .../mqar_cpu/<name>), and at model.d_model=128 for "
          "causal, performer, linear and sliding_window (into .../mqar_cpu/mqar_d128), then the compare command in "
-         "[mqar_cpu.md](results/mqar_cpu.md):\n\n"
-         + "*d_model 64*\n\n" + table(R / "mqar_cpu.md", "core") + "\n\n*d_model 128*\n\n"
-         + table(R / "mqar_cpu.md", "core", 1) + "\n\nFiles: "
-         + links("results/mqar_cpu.md", "results/mqar_cpu.csv", "results/mqar_cpu.png")
+         "[mqar_cpu.md](results/mqar_cpu.md):\n\n" + mqar_widths("mqar_cpu", (64, 128))
          + ".\n\nThe same at 2,000 steps, widths 64 and 128, for the four cores of the paper's claim "
          "(`python train.py -m experiment=mqar attention=causal,performer model.d_model=64,128 model.max_seq_len=64 "
          "data.vocab_size=64 data.num_kv_pairs=4,8,16 data.num_train=20000 data.num_val=500 trainer.max_steps=2000 "
          "trainer.val_check_interval=500 ++model.attention.window=16 hydra.sweep.dir=outputs/multiruns/mqar_cpu_2k/a`, "
-         "and `attention=linear,sliding_window` into .../b):\n\n*d_model 64*\n\n"
-         + table(R / "mqar_cpu_2k.md", "core") + "\n\n*d_model 128*\n\n" + table(R / "mqar_cpu_2k.md", "core", 1)
-         + "\n\nFiles: " + links("results/mqar_cpu_2k.md", "results/mqar_cpu_2k.csv", "results/mqar_cpu_2k.png")
+         "and `attention=linear,sliding_window` into .../b):\n\n" + mqar_widths("mqar_cpu_2k", (64, 128))
          + ". Toy sizes of the earlier recipe: [docs/performer.md](performer.md).",
          "Arora et al. 2023 (Zoology): attention solves MQAR at every width; fixed-size-state models (linear "
          "attention and its kin) lose accuracy as the number of pairs grows and need width (state) to recover. "

@@ -28,6 +28,12 @@ def make_cfg(tmp_path, *overrides, smoke=True):
     return cfg
 
 
+def lightning_like_checkpoint(path, model):
+    """What train.py's checkpoints hold for loading: the task's `net.` state and the model config."""
+    torch.save({"state_dict": {f"net.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"model": model.cfg.to_dict()}}, path)
+
+
 class StopAtStep(pl.Callback):
     """Ends fit gracefully after `step` optimizer steps: an interrupted run."""
 

@@ -17,7 +17,7 @@ from transformers import (  # noqa: E402
 )
 
 import zoo  # noqa: E402
-from helpers import perturbed  # noqa: E402
+from helpers import lightning_like_checkpoint, perturbed  # noqa: E402
 from zoo.hf import from_hf_bert, from_hf_gpt2, to_hf_bert, to_hf_gpt2  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -262,14 +262,9 @@ def test_export_without_hf_counterpart_names_the_field(tmp_path, override, field
     assert not (tmp_path / "out").exists()
 
 
-def _lightning_like_checkpoint(path, model):
-    torch.save({"state_dict": {f"net.{k}": v for k, v in model.state_dict().items()},
-                "hyper_parameters": {"model": model.cfg.to_dict()}}, path)
-
-
 def test_export_script(tmp_path, capsys):
     model = zoo_model("gpt")
-    _lightning_like_checkpoint(tmp_path / "last.ckpt", model)
+    lightning_like_checkpoint(tmp_path / "last.ckpt", model)
     assert export_script.main([f"ckpt={tmp_path / 'last.ckpt'}", f"out={tmp_path / 'hf'}"]) == 0
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     ids, _, _ = inputs(211)
@@ -280,7 +275,7 @@ def test_export_script(tmp_path, capsys):
     assert export_script.main([f"ckpt={tmp_path / 'last.ckpt'}", f"out={tmp_path / 'hf'}", "overwrite=true"]) == 0
 
     rope = zoo.build_model("gpt", vocab_size=64, max_seq_len=16, d_model=32, n_layers=1, n_heads=4, position="rope")
-    _lightning_like_checkpoint(tmp_path / "rope.ckpt", rope)
+    lightning_like_checkpoint(tmp_path / "rope.ckpt", rope)
     assert export_script.main([f"ckpt={tmp_path / 'rope.ckpt'}", f"out={tmp_path / 'rope'}"]) == 1
     assert "model.position='rope'" in capsys.readouterr().err
     assert export_script.main(["ckpt=x"]) == 2 and "missing out=" in capsys.readouterr().err

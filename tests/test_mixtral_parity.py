@@ -174,8 +174,8 @@ def test_unsupported_rope_scaling_is_named():
 def test_cuda_bf16_prefill_and_cached_decode_stay_as_close_to_fp32_as_hf():
     """On the H200, scripts/bench_moe.py found none of HF's greedy tokens equal to ours at a 4K context in bf16
     (the benchmark's doubled random weights made its model chaotic in bf16, for both; reproduced on CPU). Here
-    both bf16 models, prefill and then cached decoding steps, are held against HF in float32: at each step ours may be no further from it than twice HF's own
-    bf16 error. Every token takes both experts (2 of 2): a router near-tie flipping in bf16 would move either
+    both bf16 models, prefill and then cached decoding steps, are held against HF in float32: at each step ours
+    may be no further from it than twice HF's own bf16 error. Every token takes both experts (2 of 2): a router near-tie flipping in bf16 would move either
     model by a discrete jump that says nothing about the arithmetic."""
     from transformers import DynamicCache
     torch.manual_seed(0)

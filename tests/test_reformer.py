@@ -305,12 +305,12 @@ def test_reformer_copy_refuses_two_runs_of_one_arm(tmp_path):
     import sys
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "scripts"))
     import reformer_copy
+    from helpers import lightning_like_checkpoint
 
     m = zoo.build_model("reformer", vocab_size=16, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=32,
                         attention={"core": "lsh", "chunk_length": 8, "n_hashes": 2})
     for run in ("lsh2", "lsh2,trainer.max_steps=1000"):
         (tmp_path / run / "checkpoints").mkdir(parents=True)
-        torch.save({"state_dict": {f"net.{k}": v for k, v in m.state_dict().items()},
-                    "hyper_parameters": {"model": m.cfg.to_dict()}}, tmp_path / run / "checkpoints" / "last.ckpt")
+        lightning_like_checkpoint(tmp_path / run / "checkpoints" / "last.ckpt", m)
     with pytest.raises(ValueError, match="two checkpoints of the 'lsh2' arm"):
         reformer_copy.main([str(tmp_path), "device=cpu", "n_eval=4"])

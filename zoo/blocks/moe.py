@@ -9,8 +9,8 @@ expert's tokens form one contiguous slice, and the experts run as one grouped ma
 slices (`torch._grouped_mm`, no host sync). Where the grouped matmul is unavailable for the device or
 dtype, the same sorted slices run as one matmul per expert (a loop over the E experts, never over
 tokens). Without a capacity limit the (token, expert) rows are a permutation, so tokens travel to their
-experts and back by gathers in both directions (no scatter-add). `reference()` is the plain version the tests hold both to: every expert on every token,
-weighted by its (possibly zero) gate.
+experts and back by gathers in both directions (no scatter-add). `reference()` is the plain version the
+tests hold both to: every expert on every token, weighted by its (possibly zero) gate.
 
 Auxiliary losses are not returned by forward (the FFN keeps the block's calling convention): each
 forward leaves its routing statistics in `self.stats`, and `ZooModel.aux_loss()` combines the
