@@ -128,10 +128,10 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     path = cfg.get("ckpt_path")
     if path != "auto":
         return path
-    ckpt_dir = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
+    ckpt_dir = OmegaConf.select(cfg, "callbacks.last_checkpoint.dirpath")
     if ckpt_dir is None:
-        raise ValueError("ckpt_path=auto looks for last.ckpt where callbacks.model_checkpoint writes it; "
-                         "this config has no callbacks.model_checkpoint.dirpath")
+        raise ValueError("ckpt_path=auto looks for last.ckpt where callbacks.last_checkpoint writes it; "
+                         "this config has no callbacks.last_checkpoint.dirpath")
     last = Path(ckpt_dir) / "last.ckpt"
     if last.exists():
         print(f"[zoo] ckpt_path=auto: resuming from {last}")

@@ -114,6 +114,24 @@ def test_resume_ends_with_the_same_weights(tmp_path, model):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
+def test_last_ckpt_is_the_newest_state_when_val_loss_stops_improving(tmp_path):
+    """last.ckpt is rewritten at every validation, not only when the best checkpoint changes (Lightning's
+    save_last): with mode=max the falling val/loss never improves after step 4, yet an interrupted run's
+    last.ckpt holds step 8 and ckpt_path=auto continues from there to the same weights as one go."""
+    common = ["trainer.max_steps=12", "trainer.val_check_interval=4", "logger=csv",
+              "callbacks.model_checkpoint.mode=max"]
+    run(tmp_path / "straight", *common)
+    run(tmp_path / "auto", *common, "ckpt_path=auto", callbacks={"stop": {"_target_": "helpers.StopAtStep", "step": 8}})
+    ckpts = tmp_path / "auto" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best-step4.ckpt", "last.ckpt"]
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 8
+    metrics, _ = run(tmp_path / "auto", *common, "ckpt_path=auto")
+    assert metrics["global_step"] == 12
+    a = _weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    for k, v in _weights(ckpts / "last.ckpt").items():
+        torch.testing.assert_close(v, a[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
 def test_ckpt_path_auto_starts_afresh_resumes_and_keeps_a_finished_run(tmp_path, capsys):
     """A rerun into the same directory: no checkpoint yet -> a fresh start; an interrupted run -> it continues
     from its own last.ckpt (the same weights as one go); a finished run -> nothing trained, results kept."""
@@ -212,7 +230,9 @@ def test_resume_continues_the_same_wandb_run(tmp_path, gpt_run):
     assert run_id and list((out / "wandb").glob(f"offline-run-*-{run_id}"))
     run(tmp_path, f"ckpt_path={last}", "trainer.max_steps=22")
     assert list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}")), "the resumed run started a new wandb run"
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["zoo_run"]["wandb_id"] == run_id
+    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["zoo_run"]["wandb_id"] == run_id
+    assert resumed["global_step"] == 22  # no validation after step 20: last.ckpt is still the final state
 
 
 def test_sweep_job_directories_stay_short_and_distinct():
