@@ -36,6 +36,7 @@ from zoo.checkpoint import read_checkpoint
 from zoo.models import model_config
 from zoo.models.registry import cuda_or
 from zoo.tasks import NonFiniteLossError
+from zoo.tasks.base import SCHEDULES
 
 
 def wandb_mode() -> str:
@@ -94,6 +95,9 @@ def build_loggers(cfg: DictConfig, resume_id: str | None):
 
 
 def check_sizes(cfg: DictConfig) -> None:
+    schedule = cfg.task.get("schedule", "cosine")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"task.schedule={schedule!r}: choose one of {', '.join(SCHEDULES)}")
     m, d = cfg.model, cfg.data
     if m.get("position") in (None, "learned", "sinusoidal") and d.seq_len > m.max_seq_len:
         raise ValueError(f"data.seq_len={d.seq_len} is longer than the position table (model.max_seq_len={m.max_seq_len})")

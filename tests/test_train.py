@@ -242,3 +242,16 @@ def test_sweep_job_directories_stay_short_and_distinct():
     a, b = train_script.short_dirname(long + ",attention=causal"), train_script.short_dirname(long + ",attention=linear")
     assert len(a) <= 129 and a != b and train_script.short_dirname("attention=causal") == "attention=causal"
     assert "short_dirname" in (ROOT / "conf" / "hydra" / "default.yaml").read_text()
+
+
+def test_rsqrt_schedule_and_a_bad_schedule_name(tmp_path):
+    """task.schedule=rsqrt (LRA's warmup then lr * sqrt(warmup / step)); an unknown name is refused up front."""
+    from zoo.tasks.base import warmup_rsqrt
+
+    assert [warmup_rsqrt(s, 10) for s in (0, 4, 9, 10, 40)] == [0.1, 0.5, 1.0, 1.0, 0.5]
+    with pytest.raises(ValueError, match=r"task.schedule='linear': choose one of cosine, rsqrt"):
+        run(tmp_path / "bad", "task.schedule=linear")
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+    metrics, cfg = run(tmp_path / "rsqrt", "task.schedule=rsqrt", "task.warmup_steps=5")
+    lr = metrics["train/lr"] / cfg.task.lr  # the last logged step's factor, 20 steps in: about sqrt(5 / 19)
+    assert metrics["global_step"] == 20 and (5 / 20) ** 0.5 <= lr <= (5 / 18) ** 0.5, lr

@@ -6,6 +6,7 @@ carries what is needed to rebuild its model in a bare Python session (zoo.load_c
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import resource
 import time
@@ -44,9 +45,22 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def warmup_rsqrt(step: int, warmup: int) -> float:
+    """Linear warmup, then lr * sqrt(warmup / step): the Tensor2Tensor schedule LRA trained with
+    ("constant * linear_warmup * rsqrt_decay"), here normalised so that its peak, at `warmup`, is `lr`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return math.sqrt(warmup / step)
+
+
+SCHEDULES = ("cosine", "rsqrt")
+
+
 class ZooTask(pl.LightningModule):
     def __init__(self, model: dict, lr: float = 1e-3, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8,
-                 warmup_steps: int = 100, min_lr_ratio: float = 0.1, compile: bool = False):
+                 warmup_steps: int = 100, min_lr_ratio: float = 0.1, compile: bool = False, schedule: str = "cosine"):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"task.schedule={schedule!r}: choose one of {', '.join(SCHEDULES)}")
         super().__init__()
         self.net = build_model(model)
         self.save_hyperparameters()
@@ -82,7 +96,11 @@ class ZooTask(pl.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         # a run too short for its warmup (a smoke test) warms up over its first tenth instead
         warmup = hp.warmup_steps if total >= 2 * hp.warmup_steps else min(hp.warmup_steps, max(1, total // 10))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total, hp.min_lr_ratio))
+        if hp.get("schedule", "cosine") == "rsqrt":
+            factor = functools.partial(warmup_rsqrt, warmup=warmup)
+        else:
+            factor = functools.partial(warmup_cosine, warmup=warmup, total=total, min_ratio=hp.min_lr_ratio)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
