@@ -99,6 +99,9 @@ def check_sizes(cfg: DictConfig) -> None:
     if schedule not in SCHEDULES:
         raise ValueError(f"task.schedule={schedule!r}: choose one of {', '.join(SCHEDULES)}")
     m, d = cfg.model, cfg.data
+    if m.get("share_layers") and "fsdp" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
+        raise ValueError("model.share_layers=true with trainer=fsdp: FSDP shards each Block as its own unit and "
+                         "cannot place one Block at every layer; use trainer=ddp")
     if m.get("position") in (None, "learned", "sinusoidal") and d.seq_len > m.max_seq_len:
         raise ValueError(f"data.seq_len={d.seq_len} is longer than the position table (model.max_seq_len={m.max_seq_len})")
 

@@ -31,6 +31,8 @@ def test_gpt_124m_has_gpt2_small_shape():
     ({"attention": {"core": "full"}}, "cores that would work: causal"),
     ({"n_layer": 2}, "unknown model config field"),
     ({"dropout": 1.5}, "model.dropout must be in"),
+    ({"share_layers": True, "ffn": "moe"}, "share_layers=true does not combine with model.ffn='moe'"),
+    ({"share_layers": True, "recurrence": "xl"}, "share_layers=true does not combine with model.recurrence='xl'"),
 ])
 def test_impossible_configs_name_the_field(override, match):
     with pytest.raises(ValueError, match=match):
@@ -81,3 +83,37 @@ def test_models_import_neither_lightning_nor_hydra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=zoo.models.registry.CONF_DIR.parent).stdout.strip()
     assert out == "[]"
+
+
+@pytest.mark.parametrize("name", ["gpt", "bert"])
+def test_shared_layers_equal_untied_layers_holding_one_block(name):
+    """share_layers=true is an untied stack whose blocks all hold the same weights: equal outputs, the
+    untied blocks' gradients summed into the one block, one layer's parameters, n_layers' FLOPs."""
+    kw = dict(d_model=32, n_layers=3, n_heads=4, max_seq_len=16, vocab_size=64, dropout=0.0)
+    torch.manual_seed(0)
+    shared = zoo.build_model(name, share_layers=True, **kw)
+    untied = zoo.build_model(name, **kw)
+    one = shared.trunk.blocks[0].state_dict()
+    untied.load_state_dict({k: v for k, v in shared.state_dict().items()})  # the state dict lists every index
+    assert all(torch.equal(untied.trunk.blocks[i].state_dict()[k], v) for i in range(3) for k, v in one.items())
+    x = torch.randint(0, 64, (2, 16))
+    out_s, out_u = shared(x), untied(x)
+    torch.testing.assert_close(out_s, out_u)
+    out_s.square().mean().backward()
+    out_u.square().mean().backward()
+    for k, p in shared.trunk.blocks[0].named_parameters():
+        summed = sum(dict(untied.trunk.blocks[i].named_parameters())[k].grad for i in range(3))
+        torch.testing.assert_close(p.grad, summed, msg=k)
+    per_block = sum(p.numel() for p in shared.trunk.blocks[0].parameters())
+    assert shared.num_params() == untied.num_params() - 2 * per_block
+    assert shared.flops_per_token(16) == untied.flops_per_token(16)
+
+
+def test_one_shared_layer_is_the_untied_model():
+    kw = dict(d_model=32, n_layers=1, n_heads=4, max_seq_len=16, vocab_size=64)
+    torch.manual_seed(0)
+    shared = zoo.build_model("gpt", share_layers=True, **kw)
+    torch.manual_seed(0)
+    untied = zoo.build_model("gpt", **kw)
+    x = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(shared(x), untied(x), rtol=0, atol=0)

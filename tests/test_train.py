@@ -176,6 +176,7 @@ def test_unknown_names_list_the_valid_choices(tmp_path, group):
     (["data.seq_len=100"], r"data.seq_len=100 is longer than the position table \(model.max_seq_len=64\)"),
     (["data.tokenizer=words"], "data.tokenizer='words'; valid choices: byte, bpe"),
     (["data.source=/no/such/dir"], "neither 'stdlib', an existing file or folder"),
+    (["model.share_layers=true", "trainer=fsdp"], "model.share_layers=true with trainer=fsdp"),
 ])
 def test_bad_sizes_and_fields_are_named(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -255,3 +256,11 @@ def test_rsqrt_schedule_and_a_bad_schedule_name(tmp_path):
     metrics, cfg = run(tmp_path / "rsqrt", "task.schedule=rsqrt", "task.warmup_steps=5")
     lr = metrics["train/lr"] / cfg.task.lr  # the last logged step's factor, 20 steps in: about sqrt(5 / 19)
     assert metrics["global_step"] == 20 and (5 / 20) ** 0.5 <= lr <= (5 / 18) ** 0.5, lr
+
+
+def test_shared_layers_train_save_and_load(tmp_path):
+    """model.share_layers=true through train.py: the checkpoint loads back into one block at every layer."""
+    metrics, _ = run(tmp_path, "model.share_layers=true", "model.n_layers=3")
+    model, cfg = zoo.load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert cfg.share_layers and model.trunk.blocks[0] is model.trunk.blocks[2]
+    assert metrics["params"] == model.num_params()

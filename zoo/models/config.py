@@ -53,6 +53,9 @@ class ModelConfig:
     num_labels: int = 0  # > 0 adds a sequence-classification head
     init_std: float = 0.02
     activation_checkpointing: bool = False
+    # one Block's weights applied n_layers times (ALBERT's cross-layer sharing; LRA's ListOps Transformer
+    # "tied_weights"): parameters of one layer, compute of n_layers
+    share_layers: bool = False
     # Reformer (zoo.models.reformer): a reversible two-stream stack whose output is 2 * d_model wide
     reversible: bool = False
     ffn_chunks: int = 1  # the FFN runs on this many slices of the sequence in turn (caps its activation)
@@ -125,6 +128,14 @@ class ModelConfig:
         if dropped:
             warnings.warn(f"attention.core={core.name!r} ignores the option(s) {dropped} (set for another core)")
         self.attention = {"core": core.name, **options}
+        if self.share_layers:
+            # these keep per-layer state on the layer module (MoE routing statistics, XL memories, RETRO's
+            # cross-attention layers, the reversible stack's two streams): one module cannot serve every layer
+            for fld, bad in (("ffn", self.ffn == "moe"), ("recurrence", self.recurrence != "none"),
+                             ("retrieval", self.retrieval), ("reversible", self.reversible)):
+                if bad:
+                    raise ValueError(f"model.share_layers=true does not combine with model.{fld}="
+                                     f"{getattr(self, fld)!r}")
         if core.needs_shared_qk and not self.shared_qk:
             raise ValueError(f"attention.core={core.name!r} needs model.shared_qk=true")
         if self.ffn == "moe":

@@ -30,7 +30,10 @@ class Transformer(nn.Module):
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
         self.emb_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        if cfg.share_layers:  # the same module at every index: one set of weights, n_layers applications
+            self.blocks = nn.ModuleList([Block(cfg)] * cfg.n_layers)
+        else:
+            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         for i, block in enumerate(self.blocks):
             block.attn.core.layer_idx = i  # cores with per-layer randomness (BigBird's layout) seed from it
         self.norm = build_norm(cfg.norm, cfg.hidden_width, cfg.norm_eps, cfg.bias) if cfg.final_norm else None
@@ -217,6 +220,8 @@ class ZooModel(nn.Module):
         6 * params (excluding embeddings) + 12 * layers * heads * head_dim * seq_len (attention)."""
         c = self.cfg
         n = self.num_params(exclude_embeddings=True, active=True)  # an MoE token runs only its top-k experts
+        if c.share_layers:  # parameters() counts the shared block once; a token passes through it n_layers times
+            n += (c.n_layers - 1) * sum(p.numel() for p in self.trunk.blocks[0].parameters())
         if not c.tie_embeddings:
             n -= self.lm_head.weight.numel()  # counted below with the tied case
         n += c.vocab_size * c.d_model  # the LM head matmul
