@@ -15,7 +15,10 @@ Time is the median over `repeats` windows of `window` back-to-back fwd+bwd steps
 steps: as in training, the host queues a step while the GPU runs the previous one (window=1: a sync after
 every step, which adds the host's launch time to every GPU-bound row); peak memory is max_memory_allocated on CUDA
 (inputs, outputs, gradients, workspaces) and the profiler's allocator peak on CPU.
-Options: seq_lens batch heads head_dim device dtype repeats warmup window cores out globals.
+With profile=true each row is then profiled over 3 more steps into <out>_profiles.txt: kernels launched per
+step, the summed kernel time per step beside the row's measured time (much less means the host's launches, not
+the GPU, set the pace), and the top kernels (on a CPU: the top operators).
+Options: seq_lens batch heads head_dim device dtype repeats warmup window cores out globals profile.
 """
 from __future__ import annotations
 
@@ -49,7 +52,8 @@ CORES = {  # name -> (core, causal, options): the settings of the issue's H200 t
 FLEX_MASKS = ("sliding_window", "longformer", "bigbird", "sparse_strided")  # cores with a mask to hand to flex
 DEFAULTS = {"seq_lens": "256,512,1024,2048", "batch": 1, "heads": 4, "head_dim": 64,
             "device": "cuda" if torch.cuda.is_available() else "cpu", "dtype": "fp32", "repeats": 5, "warmup": 2,
-            "cores": ",".join(FLEX_MASKS), "out": "outputs/bench/cores", "globals": 16, "window": 5}
+            "cores": ",".join(FLEX_MASKS), "out": "outputs/bench/cores", "globals": 16, "window": 5,
+            "profile": "false"}
 SDPA_ORDER = ["CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]
 
 
@@ -62,6 +66,31 @@ def measure(step, device: str, repeats: int, warmup: int, window: int = 1) -> tu
     """(median ms, peak MiB) of a fwd+bwd step: the CUDA allocator's peak, or the CPU profiler's."""
     ms = median_step_ms(step, device, repeats, warmup, window)
     return ms, (torch.cuda.max_memory_allocated() if device == "cuda" else cpu_peak_bytes(step)) / 2**20
+
+
+def profile_row(step, label: str, n: int, ms: float, device: str, path: Path, steps: int = 3) -> str:
+    """Kernels per step, their summed time per step against the measured `ms`, and the top kernels (operators
+    on a CPU) of `steps` more steps, appended to `path`; returns the summary line."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    if cuda:
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        busy = sum(e.time_range.elapsed_us() for e in kernels) / steps / 1e3
+        line = (f"{label} @ {n}: {len(kernels) / steps:.0f} kernels per step, {busy:.3f} ms of kernel time per step "
+                f"against {ms:.3f} ms measured ({busy / ms:.0%} busy)")
+        sort = "self_device_time_total"
+    else:
+        line = f"{label} @ {n}: {ms:.3f} ms measured (CPU: operators below)"
+        sort = "self_cpu_time_total"
+    with open(path, "a") as f:
+        f.write(f"## {line}\n\n{prof.key_averages().table(sort_by=sort, row_limit=10)}\n\n")
+    return line
 
 
 def inputs(o, n, dtype, device):
@@ -157,6 +186,12 @@ def main(argv: list[str]) -> list[dict]:
         raise SystemExit(f"cores={bad}; valid choices: {', '.join(CORES)}")
     dev = o["device"]
     dtype = torch.bfloat16 if o["dtype"] == "bf16" else torch.float32
+    if str(o["profile"]) not in ("true", "false"):
+        raise SystemExit(f"profile={o['profile']!r}; valid choices: true, false")
+    profiles = Path(f"{o['out']}_profiles.txt") if str(o["profile"]) == "true" else None
+    if profiles:
+        profiles.parent.mkdir(parents=True, exist_ok=True)
+        profiles.unlink(missing_ok=True)
     rows = []
     for n in lens:
         plan = []
@@ -178,7 +213,10 @@ def main(argv: list[str]) -> list[dict]:
                     torch._dynamo.reset()
                 qkv = inputs(o, n, dtype, dev)
                 window = o["window"] if dev == "cuda" else 1  # a CPU step is synchronous anyway
-                ms, mib = measure(fwd_bwd(make(), qkv), dev, o["repeats"], o["warmup"], window)
+                step = fwd_bwd(make(), qkv)
+                ms, mib = measure(step, dev, o["repeats"], o["warmup"], window)
+                if profiles:
+                    print("  " + profile_row(step, label, n, ms, dev, profiles), flush=True)
             except Exception as e:  # noqa: BLE001 — an OOM (or a backend refusing a shape) is a result
                 if not is_oom(e) and dev == "cpu":
                     raise

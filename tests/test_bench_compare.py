@@ -163,6 +163,17 @@ def test_bench_cores_times_every_core_against_sdpa(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
     with pytest.raises(SystemExit, match="valid choices"):
         cores.main(["cores=nope", f"out={out}"])
+    with pytest.raises(SystemExit, match="profile='yes'; valid choices: true, false"):
+        cores.main(["profile=yes", f"out={out}"])
+
+
+def test_bench_cores_profile_writes_each_rows_top_operators(tmp_path):
+    cores = _load("bench_cores")
+    out = tmp_path / "cores"
+    rows = cores.main(["seq_lens=64", "heads=2", "head_dim=8", "repeats=1", "warmup=0", "device=cpu",
+                       "cores=performer", "profile=true", f"out={out}"])
+    text = (tmp_path / "cores_profiles.txt").read_text()
+    assert text.count("## ") == len(rows) and "performer @ 64" in text and "Self CPU" in text
 
 
 def test_median_step_ms_times_windows_of_back_to_back_steps():
@@ -170,3 +181,13 @@ def test_median_step_ms_times_windows_of_back_to_back_steps():
     calls = []
     ms = bench.median_step_ms(lambda: calls.append(1), "cpu", repeats=4, warmup=2, window=3)
     assert len(calls) == 2 + 4 * 3 and ms >= 0.0
+
+
+@pytest.mark.gpu
+def test_bench_cores_profile_counts_kernels_on_cuda(tmp_path):
+    cores = _load("bench_cores")
+    out = tmp_path / "cores"
+    cores.main(["seq_lens=256", "heads=2", "head_dim=64", "repeats=1", "warmup=1", "device=cuda", "dtype=bf16",
+                "cores=linear", "profile=true", f"out={out}"])
+    text = (tmp_path / "cores_profiles.txt").read_text()
+    assert "linear @ 256:" in text and "kernels per step" in text and "busy)" in text
