@@ -36,7 +36,7 @@ from zoo.checkpoint import read_checkpoint
 from zoo.models import model_config
 from zoo.models.registry import cuda_or
 from zoo.tasks import NonFiniteLossError
-from zoo.tasks.base import SCHEDULES
+from zoo.tasks.base import check_schedule
 
 
 def wandb_mode() -> str:
@@ -95,9 +95,7 @@ def build_loggers(cfg: DictConfig, resume_id: str | None):
 
 
 def check_sizes(cfg: DictConfig) -> None:
-    schedule = cfg.task.get("schedule", "cosine")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"task.schedule={schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    check_schedule(cfg.task.get("schedule", "cosine"))
     m, d = cfg.model, cfg.data
     if m.get("share_layers") and "fsdp" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
         raise ValueError("model.share_layers=true with trainer=fsdp: FSDP shards each Block as its own unit and "

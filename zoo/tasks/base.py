@@ -56,11 +56,15 @@ def warmup_rsqrt(step: int, warmup: int) -> float:
 SCHEDULES = ("cosine", "rsqrt")
 
 
+def check_schedule(schedule: str) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"task.schedule={schedule!r}: choose one of {', '.join(SCHEDULES)}")
+
+
 class ZooTask(pl.LightningModule):
     def __init__(self, model: dict, lr: float = 1e-3, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8,
                  warmup_steps: int = 100, min_lr_ratio: float = 0.1, compile: bool = False, schedule: str = "cosine"):
-        if schedule not in SCHEDULES:
-            raise ValueError(f"task.schedule={schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        check_schedule(schedule)
         super().__init__()
         self.net = build_model(model)
         self.save_hyperparameters()
