@@ -149,20 +149,6 @@ def favor_features(q: torch.Tensor, k: torch.Tensor, projection: torch.Tensor, k
     return favor_query_features(lq), phi_k, new
 
 
-def causal_favor_attention(q, k, v, projection, chunk_size: int = 64, impl: str = "auto") -> torch.Tensor:
-    """Causal FAVOR+ attention (softmax kernel) with no key padding and no carried state, as
-    linear_attention(*favor_features(q, k, projection)[:2], v, causal=True)[0]. On the Triton path the features
-    and the attention are one autograd function whose backward takes the features' gradients through the
-    feature map inside the chunk kernel (kernels.linear_attention_triton.FUSED_FAVOR switches it off)."""
-    if choose_impl(impl, q) == "triton" and _triton().FUSED_FAVOR:
-        lat = _triton()
-        offset = torch.nan_to_num(lat.favor_row_max(k, projection).amax(-1)[..., None, None], neginf=0.0)
-        with torch.autocast(q.device.type, enabled=False):
-            return lat.causal_favor_attention(q, k, v, projection, offset)
-    phi_q, phi_k, _ = favor_features(q, k, projection, impl=impl)
-    return linear_attention(phi_q, phi_k, v, causal=True, chunk_size=chunk_size, impl=impl)[0]
-
-
 def relu_features(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
     x = x.to(_compute_dtype(x)) * x.shape[-1] ** -0.25
     return F.relu(_project(x, projection)) + RELU_EPS

@@ -34,9 +34,6 @@ import triton.language as tl
 CHUNK = 64  # positions per chunk: the tensor-core tile; the result does not depend on it
 SEGMENT = 16  # chunks per sequential walk: the state scans run one program per segment, in parallel
 LOG_FLOOR = -30.0  # as kernels/linear_attention._LOG_FLOOR
-# the causal Performer's features and attention as one function (causal_favor_attention); False: two (the
-# features' own backward kernel), kept to measure the fusion against (scripts/tune_linear_kernels.py)
-FUSED_FAVOR = True
 # launch settings per kernel (num_warps, num_stages), as chosen on the H200 by scripts/tune_linear_kernels.py
 # (2026-11-29; the spread between settings was within that run's noise, ~10%); module-level so it can retune
 LAUNCH = {"fwd_states": (4, 1), "fwd_out": (4, 1), "bwd_prep": (4, 1), "bwd_states": (4, 1), "bwd_chunk": (8, 1),
@@ -178,20 +175,8 @@ def _bwd_states(q, g, r, dh, dzs, seg_ds, seg_dz, N, M, DV, NC, NV,
 
 
 @triton.jit
-def _favor_dx(x, dx, acc, rs, off_x, mx, scale_x):
-    """The feature map's gradient from acc = dl W and rs = rowsum(dl): dx = s acc - s^2 rs x."""
-    xf = tl.load(x + off_x, mask=mx, other=0.0).to(tl.float32)
-    tl.store(dx + off_x, (acc * scale_x - (scale_x * scale_x) * rs[:, None] * xf).to(dx.dtype.element_ty), mask=mx)
-
-
-@triton.jit
 def _bwd_chunk(q, k, v, g, r, h, zs, pre_s, pre_z, dh, dzs, pre_ds, pre_dz, dq, dk, dv, N, M, DV, NC, NG,
-               xq, xk, w, D, scale_x,
-               C: tl.constexpr, CPS: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr,
-               FAVOR: tl.constexpr, BD: tl.constexpr):
-    """FAVOR: q, k are FAVOR+ features of xq, xk (projection w, D columns) and dq, dk receive the gradients of
-    xq, xk: each feature tile's gradient goes through the feature map here (as _favor_bwd), so the features'
-    gradients never reach memory."""
+               C: tl.constexpr, CPS: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr):
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     t = tl.arange(0, C)
     pos = i_c * C + t
@@ -210,10 +195,6 @@ def _bwd_chunk(q, k, v, g, r, h, zs, pre_s, pre_z, dh, dzs, pre_ds, pre_dz, dq, 
                     input_precision=PREC)
     a = tl.where(causal, a, 0.0).to(b_v.dtype)
     b_dv = tl.dot(tl.trans(a), b_g, input_precision=PREC)
-    gq = tl.zeros([C, BD], dtype=tl.float32)
-    gk = tl.zeros([C, BD], dtype=tl.float32)
-    rq = tl.zeros([C], dtype=tl.float32)
-    rk = tl.zeros([C], dtype=tl.float32)
     for i_k in range(tl.cdiv(M, BK)):
         ok = i_k * BK + tl.arange(0, BK)
         p_q = tl.make_block_ptr(q + i_bh * N * M, (N, M), (M, 1), (i_c * C, i_k * BK), (C, BK), (1, 0))
@@ -239,28 +220,12 @@ def _bwd_chunk(q, k, v, g, r, h, zs, pre_s, pre_z, dh, dzs, pre_ds, pre_dz, dq, 
         b_dk = tl.dot(tl.trans(da), b_q, input_precision=PREC) + tl.dot(b_v, tl.trans(b_dh), input_precision=PREC)
         b_dk += b_dz[None, :]
         b_dv += tl.dot(b_k, b_dh, input_precision=PREC)
-        if FAVOR:  # dl = dphi * phi; dx = s (dl W) - s^2 rowsum(dl) x, summed over the feature tiles
-            cd = tl.arange(0, BD)
-            b_w = tl.load(w + ok[:, None] * D + cd[None, :], mask=(ok < M)[:, None] & (cd < D)[None, :], other=0.0)
-            dlq = b_dq * b_q.to(tl.float32)
-            dlk = b_dk * b_k.to(tl.float32)
-            rq += tl.sum(dlq, axis=1)
-            rk += tl.sum(dlk, axis=1)
-            gq += tl.dot(dlq.to(b_w.dtype), b_w, input_precision=PREC)
-            gk += tl.dot(dlk.to(b_w.dtype), b_w, input_precision=PREC)
-        else:
-            p_dq = tl.make_block_ptr(dq + i_bh * N * M, (N, M), (M, 1), (i_c * C, i_k * BK), (C, BK), (1, 0))
-            p_dk = tl.make_block_ptr(dk + i_bh * N * M, (N, M), (M, 1), (i_c * C, i_k * BK), (C, BK), (1, 0))
-            tl.store(p_dq, b_dq.to(dq.dtype.element_ty), boundary_check=(0, 1))
-            tl.store(p_dk, b_dk.to(dk.dtype.element_ty), boundary_check=(0, 1))
+        p_dq = tl.make_block_ptr(dq + i_bh * N * M, (N, M), (M, 1), (i_c * C, i_k * BK), (C, BK), (1, 0))
+        p_dk = tl.make_block_ptr(dk + i_bh * N * M, (N, M), (M, 1), (i_c * C, i_k * BK), (C, BK), (1, 0))
+        tl.store(p_dq, b_dq.to(dq.dtype.element_ty), boundary_check=(0, 1))
+        tl.store(p_dk, b_dk.to(dk.dtype.element_ty), boundary_check=(0, 1))
     p_dv = tl.make_block_ptr(dv + i_bh * N * DV, (N, DV), (DV, 1), (i_c * C, 0), (C, BDV), (1, 0))
     tl.store(p_dv, b_dv.to(dv.dtype.element_ty), boundary_check=(0, 1))
-    if FAVOR:
-        cd = tl.arange(0, BD)
-        mx = (pos < N)[:, None] & (cd < D)[None, :]
-        off_x = i_bh * N * D + pos[:, None] * D + cd[None, :]
-        _favor_dx(xq, dq, gq, rq, off_x, mx, scale_x)
-        _favor_dx(xk, dk, gk, rk, off_x, mx, scale_x)
 
 
 def _launch(kernel, name, grid, *args, **meta):
@@ -277,116 +242,75 @@ def _exclusive_prefix(tot, init, reverse: bool = False):
     return pre if init is None else pre + init[:, None]
 
 
-def _attention_fwd(q, k, v, s0, z0, chunk, segment):
-    """(bh, n, m) features, (bh, n, dv) values -> out, final (S, z), and what the backward reads."""
-    bh, n, m = q.shape
-    dv = v.shape[-1]
-    nc = triton.cdiv(n, chunk)
-    ng = triton.cdiv(nc, segment)
-    bk, bv = min(64, _p2(m)), min(128, _p2(dv))  # a whole value row per program: k and q are read once
-    nk, nv = triton.cdiv(m, bk), triton.cdiv(dv, bv)
-    f32 = dict(device=q.device, dtype=torch.float32)
-    h = torch.empty(bh, nc, m, dv, device=q.device, dtype=q.dtype)
-    zs = torch.empty(bh, nc, m, **f32)
-    seg_s, seg_z = torch.empty(bh, ng, m, dv, **f32), torch.empty(bh, ng, m, **f32)
-    prec = _prec(q.dtype)
-    _launch(_fwd_states, "fwd_states", (bh, nk * nv, ng), k, v, h, zs, seg_s, seg_z, n, m, dv, nc, nv,
-            C=chunk, CPS=segment, BK=bk, BV=bv, PREC=prec)
-    pre_s, pre_z = _exclusive_prefix(seg_s, s0), _exclusive_prefix(seg_z, z0)
-    s_final, z_final = pre_s[:, -1] + seg_s[:, -1], pre_z[:, -1] + seg_z[:, -1]
-    pre_s = pre_s.to(q.dtype)  # rounded as the chunk states are; read by every chunk of the segment
-    o = torch.empty_like(v)
-    den = torch.empty(bh, n, **f32)
-    _launch(_fwd_out, "fwd_out", (nc, bh, nv), q, k, v, h, zs, pre_s, pre_z, o, den, n, m, dv,
-            nc, ng, C=chunk, CPS=segment, BK=bk, BV=bv, PREC=prec)
-    return o, s_final, z_final, (o, den, h, zs, pre_s, pre_z)
-
-
-def _attention_bwd(q, k, v, saved, do, ds_final, dz_final, chunk, segment, favor=None):
-    """Gradients of q, k, v (and of the initial state: the whole first segment's dS, dz). favor = (xq, xk, w):
-    q and k are FAVOR+ features of xq and xk, and the gradients returned are those of xq and xk."""
-    o, den, h, zs, pre_s, pre_z = saved
-    bh, n, m = q.shape
-    dv = v.shape[-1]
-    nc = triton.cdiv(n, chunk)
-    ng = triton.cdiv(nc, segment)
-    f32 = dict(device=q.device, dtype=torch.float32)
-    g = torch.empty_like(v)
-    r = torch.empty(bh, n, **f32)
-    if do is None:
-        g.zero_()
-        r.zero_()
-    else:
-        _launch(_bwd_prep, "bwd_prep", (triton.cdiv(n, 64), bh), do.contiguous(), o, den, g, r, n, dv,
-                BN=64, BDV=_p2(dv))
-    bk, bv = min(64, _p2(m)), min(128, _p2(dv))
-    nk, nv = triton.cdiv(m, bk), triton.cdiv(dv, bv)
-    dh = torch.empty_like(h)
-    dzs = torch.empty_like(zs)
-    seg_ds, seg_dz = torch.empty(bh, ng, m, dv, **f32), torch.empty(bh, ng, m, **f32)
-    prec = _prec(q.dtype)
-    _launch(_bwd_states, "bwd_states", (bh, nk * nv, ng), q, g, r, dh, dzs, seg_ds, seg_dz, n, m, dv, nc, nv,
-            C=chunk, CPS=segment, BK=bk, BV=bv, PREC=prec)
-    # the later segments' part, walked backwards: an exclusive prefix over the flipped segments
-    pre_ds = _exclusive_prefix(seg_ds, None if ds_final is None else ds_final.float(), reverse=True)
-    pre_dz = _exclusive_prefix(seg_dz, None if dz_final is None else dz_final.float(), reverse=True)
-    if favor is None:
-        xq = xk = w = q  # unused
-        d, bd = 0, 16
-        dq, dk = torch.empty_like(q), torch.empty_like(k)
-    else:
-        xq, xk, w = favor
-        d = xq.shape[-1]
-        bd = _p2(d)
-        dq, dk = torch.empty_like(xq), torch.empty_like(xk)
-    dvv = torch.empty_like(v)
-    _launch(_bwd_chunk, "bwd_chunk", (nc, bh), q, k, v, g, r, h, zs, pre_s, pre_z, dh, dzs,
-            pre_ds.to(q.dtype).contiguous(), pre_dz.contiguous(), dq, dk, dvv, n, m, dv, nc, ng,
-            xq, xk, w, d, max(d, 1) ** -0.25,
-            C=chunk, CPS=segment, BK=bk, BDV=_p2(dv), PREC=prec, FAVOR=favor is not None, BD=bd)
-    ds0, dz0 = pre_ds[:, 0] + seg_ds[:, 0], pre_dz[:, 0] + seg_dz[:, 0]
-    return dq, dk, dvv, ds0, dz0
-
-
 class _CausalLinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, s0, z0, chunk, segment):
-        o, s_final, z_final, saved = _attention_fwd(q, k, v, s0, z0, chunk, segment)
-        ctx.save_for_backward(q, k, v, *saved)
+        bh, n, m = q.shape
+        dv = v.shape[-1]
+        nc = triton.cdiv(n, chunk)
+        ng = triton.cdiv(nc, segment)
+        bk, bv = min(64, _p2(m)), min(128, _p2(dv))  # a whole value row per program: k and q are read once
+        nk, nv = triton.cdiv(m, bk), triton.cdiv(dv, bv)
+        f32 = dict(device=q.device, dtype=torch.float32)
+        h = torch.empty(bh, nc, m, dv, device=q.device, dtype=q.dtype)
+        zs = torch.empty(bh, nc, m, **f32)
+        seg_s, seg_z = torch.empty(bh, ng, m, dv, **f32), torch.empty(bh, ng, m, **f32)
+        prec = _prec(q.dtype)
+        _launch(_fwd_states, "fwd_states", (bh, nk * nv, ng), k, v, h, zs, seg_s, seg_z, n, m, dv, nc, nv,
+                C=chunk, CPS=segment, BK=bk, BV=bv, PREC=prec)
+        pre_s, pre_z = _exclusive_prefix(seg_s, s0), _exclusive_prefix(seg_z, z0)
+        s_final, z_final = pre_s[:, -1] + seg_s[:, -1], pre_z[:, -1] + seg_z[:, -1]
+        pre_s = pre_s.to(q.dtype)  # rounded as the chunk states are; read by every chunk of the segment
+        o = torch.empty_like(v)
+        den = torch.empty(bh, n, **f32)
+        bvo = min(128, _p2(dv))
+        _launch(_fwd_out, "fwd_out", (nc, bh, triton.cdiv(dv, bvo)), q, k, v, h, zs, pre_s, pre_z, o, den, n, m, dv,
+                nc, ng, C=chunk, CPS=segment, BK=bk, BV=bvo, PREC=prec)
+        ctx.save_for_backward(q, k, v, o, den, h, zs, pre_s, pre_z)
         ctx.chunk, ctx.segment, ctx.use_h0 = chunk, segment, s0 is not None
         ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(den)
         return o, s_final, z_final
 
     @staticmethod
     def backward(ctx, do, ds_final, dz_final):
-        q, k, v, *saved = ctx.saved_tensors
-        dq, dk, dv, ds0, dz0 = _attention_bwd(q, k, v, saved, do, ds_final, dz_final, ctx.chunk, ctx.segment)
-        if not ctx.use_h0:  # the initial state reaches every position: its gradient is the first segment's
-            ds0 = dz0 = None
-        return dq, dk, dv, ds0, dz0, None, None
+        q, k, v, o, den, h, zs, pre_s, pre_z = ctx.saved_tensors
+        chunk, segment = ctx.chunk, ctx.segment
+        bh, n, m = q.shape
+        dv = v.shape[-1]
+        nc = triton.cdiv(n, chunk)
+        ng = triton.cdiv(nc, segment)
+        f32 = dict(device=q.device, dtype=torch.float32)
+        g = torch.empty_like(v)
+        r = torch.empty(bh, n, **f32)
+        if do is None:
+            g.zero_()
+            r.zero_()
+        else:
+            _launch(_bwd_prep, "bwd_prep", (triton.cdiv(n, 64), bh), do.contiguous(), o, den, g, r, n, dv,
+                    BN=64, BDV=_p2(dv))
+        bk, bv = min(64, _p2(m)), min(128, _p2(dv))  # a whole value row per program: k and q are read once
+        nk, nv = triton.cdiv(m, bk), triton.cdiv(dv, bv)
+        dh = torch.empty_like(h)
+        dzs = torch.empty_like(zs)
+        seg_ds, seg_dz = torch.empty(bh, ng, m, dv, **f32), torch.empty(bh, ng, m, **f32)
+        prec = _prec(q.dtype)
+        _launch(_bwd_states, "bwd_states", (bh, nk * nv, ng), q, g, r, dh, dzs, seg_ds, seg_dz, n, m, dv, nc, nv,
+                C=chunk, CPS=segment, BK=bk, BV=bv, PREC=prec)
+        # the later segments' part, walked backwards: an exclusive prefix over the flipped segments
+        pre_ds = _exclusive_prefix(seg_ds, None if ds_final is None else ds_final.float(), reverse=True)
+        pre_dz = _exclusive_prefix(seg_dz, None if dz_final is None else dz_final.float(), reverse=True)
+        dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _launch(_bwd_chunk, "bwd_chunk", (nc, bh), q, k, v, g, r, h, zs, pre_s, pre_z, dh, dzs,
+                pre_ds.to(q.dtype).contiguous(), pre_dz.contiguous(), dq, dk, dvv, n, m, dv, nc, ng,
+                C=chunk, CPS=segment, BK=bk, BDV=_p2(dv), PREC=prec)
+        ds0 = dz0 = None
+        if ctx.use_h0:  # the initial state reaches every position: the gradient of the whole first segment on
+            ds0, dz0 = pre_ds[:, 0] + seg_ds[:, 0], pre_dz[:, 0] + seg_dz[:, 0]
+        return dq, dk, dvv, ds0, dz0, None, None
 
 
-class _CausalFavorAttention(torch.autograd.Function):
-    """FAVOR+ features and causal linear attention as one function, so that the backward takes the features'
-    gradients through the feature map inside the chunk kernel (no separate feature-backward pass)."""
-
-    @staticmethod
-    def forward(ctx, xq, xk, v, w, offset, chunk, segment):
-        phi_q, phi_k = _favor_fwd_launch(xq, w, None), _favor_fwd_launch(xk, w, offset)
-        o, _, _, saved = _attention_fwd(phi_q, phi_k, v, None, None, chunk, segment)
-        ctx.save_for_backward(xq, xk, v, w, phi_q, phi_k, *saved)
-        ctx.chunk, ctx.segment = chunk, segment
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        xq, xk, v, w, phi_q, phi_k, *saved = ctx.saved_tensors
-        dxq, dxk, dv, _, _ = _attention_bwd(phi_q, phi_k, v, saved, do, None, None, ctx.chunk, ctx.segment,
-                                            favor=(xq, xk, w))
-        return dxq, dxk, dv, None, None, None, None
-
-
-def causal_linear_attention(phi_q, phi_k, v, state=None, chunk: int | None = None, segment: int | None = None):
+def causal_linear_attention(phi_q, phi_k, v, state=None, chunk: int = CHUNK, segment: int = SEGMENT):
     """Causal linear attention from features, as kernels.linear_attention.linear_attention(causal=True):
     phi_q, phi_k (b, h, n, m) with padded keys zero, v (b, h, n, dv), state (S (b, h, m, dv), z (b, h, m)) or
     None. Computes in v's dtype (bf16/fp16 -> bf16 matmuls with fp32 accumulation; fp32 -> fp32 matmuls).
@@ -399,7 +323,7 @@ def causal_linear_attention(phi_q, phi_k, v, state=None, chunk: int | None = Non
     if state is not None:
         s0 = state[0].float().reshape(b * hh, m, dv).contiguous()
         z0 = state[1].float().reshape(b * hh, m).contiguous()
-    o, s, z = _CausalLinearAttention.apply(q, k, vv, s0, z0, chunk or CHUNK, segment or SEGMENT)
+    o, s, z = _CausalLinearAttention.apply(q, k, vv, s0, z0, chunk, segment)
     return o.reshape(b, hh, n, dv).to(v.dtype), (s.reshape(b, hh, m, dv), z.reshape(b, hh, m))
 
 
@@ -466,7 +390,11 @@ def _favor_bwd(x, w, phi, dphi, dx, N, D, M, scale_x,
         b_w = tl.load(w + cm[:, None] * D + cd[None, :], mask=(cm < M)[:, None] & md[None, :], other=0.0)
         rs += tl.sum(dl, axis=1)
         acc += tl.dot(dl.to(b_w.dtype), b_w, input_precision=PREC)
-    _favor_dx(x, dx, acc, rs, i_bh * N * D + rows[:, None] * D + cd[None, :], mr[:, None] & md[None, :], scale_x)
+    mx = mr[:, None] & md[None, :]
+    off_x = i_bh * N * D + rows[:, None] * D + cd[None, :]
+    xf = tl.load(x + off_x, mask=mx, other=0.0).to(tl.float32)
+    g = acc * scale_x - (scale_x * scale_x) * rs[:, None] * xf
+    tl.store(dx + off_x, g.to(dx.dtype.element_ty), mask=mx)
 
 
 def _favor_meta(x, w):
@@ -474,20 +402,14 @@ def _favor_meta(x, w):
     return n, d, m, dict(BN=64, BD=_p2(d), BM=min(64, _p2(m)), PREC=_prec(x.dtype))
 
 
-def _favor_fwd_launch(x, w, offset):
-    """(bh, n, d) -> (bh, n, m) features: offset None -> each row minus its own max; else minus offset (bh,)."""
-    n, d, m, meta = _favor_meta(x, w)
-    bh = x.shape[0]
-    phi = torch.empty(bh, n, m, device=x.device, dtype=x.dtype)
-    _launch(_favor_fwd, "favor_fwd", (triton.cdiv(n, meta["BN"]), bh), x, w, offset if offset is not None else phi,
-            phi, phi, n, d, m, d ** -0.25, m ** -0.5, MODE=0 if offset is None else 2, FLOOR=LOG_FLOOR, **meta)
-    return phi
-
-
 class _FavorFeatures(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, offset):
-        phi = _favor_fwd_launch(x, w, offset)
+        n, d, m, meta = _favor_meta(x, w)
+        bh = x.shape[0]
+        phi = torch.empty(bh, n, m, device=x.device, dtype=x.dtype)
+        _launch(_favor_fwd, "favor_fwd", (triton.cdiv(n, meta["BN"]), bh), x, w, offset if offset is not None else phi,
+                phi, phi, n, d, m, d ** -0.25, m ** -0.5, MODE=0 if offset is None else 2, FLOOR=LOG_FLOOR, **meta)
         ctx.save_for_backward(x, w, phi)
         return phi
 
@@ -519,21 +441,6 @@ def favor_features(x: torch.Tensor, projection: torch.Tensor, offset: torch.Tens
     w = projection.to(dt).contiguous()  # bf16 rows are just another draw of nearly the same directions
     off = None if offset is None else offset.float().expand(b, hh, 1, 1).reshape(b * hh).contiguous()
     return _FavorFeatures.apply(xx, w, off).reshape(b, hh, n, -1)
-
-
-def causal_favor_attention(q, k, v, projection, offset, chunk: int | None = None, segment: int | None = None):
-    """Causal FAVOR+ attention of q, k (b, h, n, d), v (b, h, n, dv), no padding and no carried state: the
-    features (queries minus their own max, keys minus offset (b, h, 1, 1)) and the attention as one autograd
-    function, equal to causal_linear_attention(favor_features(q), favor_features(k, offset), v)[0], whose backward
-    runs the feature map's gradient inside the chunk kernel. Computes in q's dtype (fp16 -> bf16)."""
-    b, hh, n, d = q.shape
-    dv = v.shape[-1]
-    dt = torch.bfloat16 if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    xq, xk, vv = (t.to(dt).reshape(b * hh, n, t.shape[-1]).contiguous() for t in (q, k, v))
-    off = offset.float().expand(b, hh, 1, 1).reshape(b * hh).contiguous()
-    o = _CausalFavorAttention.apply(xq, xk, vv, projection.to(dt).contiguous(), off, chunk or CHUNK,
-                                    segment or SEGMENT)
-    return o.reshape(b, hh, n, dv).to(v.dtype)
 
 
 def favor_row_max(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:

@@ -3,13 +3,10 @@ coordinate descent on the causal Performer's fwd+bwd at 16K tokens (batch 1, 16 
 performer / linear rows of scripts/bench_cores.py measured with the chosen settings in the same process.
 
     python scripts/tune_linear_kernels.py out=docs/results/bench_linear_h200      # CUDA only, ~2 minutes
-    python scripts/tune_linear_kernels.py compare=true                            # the variants below instead
 
 It prints the chosen `LAUNCH` table; kernels/linear_attention_triton.py's LAUNCH holds the last choice. A step
 is timed over windows of 5 back-to-back steps (scripts/bench.median_step_ms); a setting replaces the current
-one only when it is more than 1% faster. `compare=true` skips the launch sweep and times, alternately over
-three rounds, the Performer with and without the fused feature backward (FUSED_FAVOR) and at other chunk and
-segment sizes (CHUNK, SEGMENT), then runs the benchmark rows with the module's settings.
+one only when it is more than 1% faster.
 """
 from __future__ import annotations
 
@@ -56,35 +53,10 @@ def tune(n: int = 16384) -> dict:
     return lat.LAUNCH
 
 
-VARIANTS = {"fused": {}, "unfused": {"FUSED_FAVOR": False}, "segment 8": {"SEGMENT": 8},
-            "segment 32": {"SEGMENT": 32}, "chunk 128": {"CHUNK": 128}, "chunk 32": {"CHUNK": 32}}
-
-
-def compare(n: int = 16384, rounds: int = 3) -> dict:
-    """Median step time of each variant over `rounds` interleaved passes (drift hits all variants alike)."""
-    import kernels.linear_attention_triton as lat
-    base = {key: getattr(lat, key) for key in ("FUSED_FAVOR", "CHUNK", "SEGMENT")}
-    times = {name: [] for name in VARIANTS}
-    for _ in range(rounds):
-        for name, change in VARIANTS.items():
-            for key, value in {**base, **change}.items():
-                setattr(lat, key, value)
-            try:
-                times[name].append(step_ms("performer", n))
-            except Exception as e:  # noqa: BLE001 — a tile size out of shared memory or registers is reported
-                times[name].append(float("nan"))
-                print(name, type(e).__name__, str(e)[:200], flush=True)
-    for key, value in base.items():
-        setattr(lat, key, value)
-    result = {name: round(sorted(t)[len(t) // 2], 3) for name, t in times.items()}
-    print("performer fwd+bwd ms at", n, "tokens:", json.dumps(result), flush=True)
-    return result
-
-
 if __name__ == "__main__":
-    o = parse(sys.argv[1:], {"out": "outputs/bench/linear_tuned", "compare": False})
+    o = parse(sys.argv[1:], {"out": "outputs/bench/linear_tuned"})
     if not torch.cuda.is_available():
         raise SystemExit("scripts/tune_linear_kernels.py tunes CUDA kernels: no CUDA device here")
-    compare() if o["compare"] else tune()
+    tune()
     bench(["device=cuda", "dtype=bf16", "heads=16", "head_dim=128", "seq_lens=16384,4096", "cores=performer,linear",
            "repeats=10", "warmup=3", f"out={o['out']}"])

@@ -63,7 +63,10 @@ class _LinearCore(AttentionCore):
         if self.backend == "reference" and cache is None:
             return self.reference(q, k, v, key_padding_mask)
         if cache is None:
-            return self.attend(q, k, v, key_padding_mask)
+            phi_q, phi_k, _ = self.features(q, k, key_padding_mask)
+            out, _ = la.linear_attention(phi_q, phi_k, v, causal=self.causal, chunk_size=self.chunk_size,
+                                         impl=self.impl)
+            return out
         if not self.causal:
             raise ValueError(f"attention.core={self.name!r}: incremental decoding needs a causal model")
         old = cache.get("offset")
@@ -77,12 +80,6 @@ class _LinearCore(AttentionCore):
                                                   state=state, impl=self.impl)
         cache["offset"] = offset
         return out
-
-    def attend(self, q, k, v, key_padding_mask):
-        """The whole sequence at once (no cache)."""
-        phi_q, phi_k, _ = self.features(q, k, key_padding_mask)
-        return la.linear_attention(phi_q, phi_k, v, causal=self.causal, chunk_size=self.chunk_size,
-                                   impl=self.impl)[0]
 
     def reference(self, q, k, v, key_padding_mask=None, context=None):
         k, v = _expand_kv(q, k, v)
@@ -157,11 +154,6 @@ class PerformerCore(_LinearCore):
         if self.projection is None:
             self._draw(q.shape[-1], q.device)
         return super().reference(q, k, v, key_padding_mask, context)
-
-    def attend(self, q, k, v, key_padding_mask):
-        if self.kernel == "softmax" and self.causal and key_padding_mask is None:
-            return la.causal_favor_attention(q, k, v, self.projection, self.chunk_size, impl=self.impl)
-        return super().attend(q, k, v, key_padding_mask)
 
     def features(self, q, k, key_padding_mask, offset=None, impl=None):
         if self.kernel == "relu":
