@@ -1,13 +1,18 @@
-"""Validation loss against training tokens and wall time, for every run below a directory (a sweep).
+"""Validation loss (or another logged metric) against training tokens and wall time, for every run below a
+directory (a sweep).
 
     python scripts/curves.py outputs/multiruns/2026-11-29_10-00-39            # e.g. experiment=moe_vs_dense
     python scripts/curves.py outputs/multiruns/<time> out=outputs/compare/moe_curves
+    python scripts/curves.py outputs/multiruns/<time> metric=val/acc          # e.g. experiment=lra_listops
 
 Reads each run's CSV log (logger=csv: csv/*/metrics.csv) and its .hydra/config.yaml (batch size and sequence
-length, for tokens = steps x batch x seq_len x devices). Wall time is train/elapsed_s, logged by every task
-(seconds of training since the first step, validation included). Writes <out>.md (one row per evaluation),
-<out>.csv and <out>.png (two panels: loss vs tokens, loss vs wall time); out defaults to <dir>/curves.
-Complements scripts/compare.py, which tabulates each run's final metrics.
+length, for tokens = steps x batch x seq_len x devices). A resumed run (ckpt_path=auto) writes a new
+csv/version_N: the versions are joined in order, each later one replacing the earlier ones' points from its
+first step on, and its wall time continued from where it resumed. Wall time is train/elapsed_s, logged by every
+task (seconds of training since the first step, validation included). Runs are labelled by model.name, or,
+where a sweep's runs share it, by the overrides in their directory names that differ between them. Writes
+<out>.md (one row per evaluation), <out>.csv and <out>.png (two panels: metric vs tokens, metric vs wall time);
+out defaults to <dir>/curves. Complements scripts/compare.py, which tabulates each run's final metrics.
 """
 from __future__ import annotations
 
@@ -36,43 +41,66 @@ def tokens_per_step(cfg) -> int | None:
         return None
 
 
-def read_run(run: Path) -> list[dict]:
-    logs = sorted(run.glob("csv/*/metrics.csv"))
+def _version(log: Path) -> int:
+    tail = log.parent.name.rpartition("_")[2]
+    return int(tail) if tail.isdigit() else -1
+
+
+def read_run(run: Path, metric: str = "val/loss", label: str | None = None) -> list[dict]:
+    logs = sorted(run.glob("csv/*/metrics.csv"), key=_version)
     if not logs:
         return []
     cfg_path = run / ".hydra" / "config.yaml"
     cfg = OmegaConf.load(cfg_path) if cfg_path.exists() else None
     per_step = tokens_per_step(cfg)
-    rows = list(csv.DictReader(logs[-1].open()))
-    elapsed = {}  # step -> the latest train/elapsed_s logged at or before it
-    last = None
-    for r in sorted(rows, key=lambda r: int(r["step"])):
-        if r.get("train/elapsed_s"):
-            last = float(r["train/elapsed_s"])
-        elapsed[int(r["step"])] = last
-    out = []
-    for r in rows:
-        if r.get("val/loss"):
-            step = int(r["step"]) + 1  # the CSV's step is the index of the last optimizer step taken
-            out.append({"run": run_label(run, cfg), "step": step, "tokens": step * per_step if per_step else None,
-                        "elapsed_s": elapsed.get(int(r["step"])), "val/loss": float(r["val/loss"])})
+    label = label or run_label(run, cfg)
+    out: list[dict] = []
+    for log in logs:
+        rows = sorted(csv.DictReader(log.open()), key=lambda r: int(r["step"]))
+        if not rows:
+            continue
+        first = int(rows[0]["step"]) + 1
+        out = [p for p in out if p["step"] < first]  # what this version re-ran replaces the earlier log's
+        offset = next((p["elapsed_s"] for p in reversed(out) if p["elapsed_s"] is not None), 0.0)
+        last = None
+        for r in rows:
+            if r.get("train/elapsed_s"):
+                last = float(r["train/elapsed_s"]) + offset
+            if r.get(metric):
+                step = int(r["step"]) + 1  # the CSV's step is the index of the last optimizer step taken
+                out.append({"run": label, "step": step, "tokens": step * per_step if per_step else None,
+                            "elapsed_s": last, metric: float(r[metric])})
     return out
+
+
+def labels(runs: list[Path]) -> list[str | None]:
+    """None (model.name) where the names differ; else each run's directory overrides not shared by all."""
+    names = []
+    for run in runs:
+        cfg_path = run / ".hydra" / "config.yaml"
+        names.append(run_label(run, OmegaConf.load(cfg_path) if cfg_path.exists() else None))
+    if len(set(names)) == len(names):
+        return [None] * len(runs)
+    parts = [run.name.split("_", 1)[-1].split(",") for run in runs]  # "3_attention=full,experiment=x"
+    common = set.intersection(*(set(p) for p in parts))
+    return [",".join(x for x in p if x not in common) or run.name for p, run in zip(parts, runs)]
 
 
 def main(argv: list[str]) -> Path:
     paths = [a for a in argv if "=" not in a]
     opts = dict(a.split("=", 1) for a in argv if "=" in a)
-    unknown = sorted(set(opts) - {"out"})
+    unknown = sorted(set(opts) - {"out", "metric"})
     if len(paths) != 1 or unknown:
-        raise SystemExit("usage: curves.py DIR [out=PATH]")
+        raise SystemExit("usage: curves.py DIR [out=PATH] [metric=val/loss]")
     root = Path(paths[0])
     out = Path(opts.get("out", root / "curves"))
+    metric = opts.get("metric", "val/loss")
     runs = sorted({p.parents[2] for p in root.rglob("csv/*/metrics.csv")})
-    points = [p for run in runs for p in read_run(run)]
+    points = [p for run, label in zip(runs, labels(runs)) for p in read_run(run, metric, label)]
     if not points:
-        raise SystemExit(f"no run below {root} has a CSV log with val/loss (train with logger=csv)")
+        raise SystemExit(f"no run below {root} has a CSV log with {metric} (train with logger=csv)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    cols = ["run", "step", "tokens", "elapsed_s", "val/loss"]
+    cols = ["run", "step", "tokens", "elapsed_s", metric]
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
@@ -91,13 +119,13 @@ def main(argv: list[str]) -> Path:
     for label in dict.fromkeys(p["run"] for p in points):
         mine = [p for p in points if p["run"] == label]
         x = [p["tokens"] if p["tokens"] is not None else p["step"] for p in mine]
-        axes[0].plot(x, [p["val/loss"] for p in mine], marker="o", label=label)
+        axes[0].plot(x, [p[metric] for p in mine], marker="o", label=label)
         timed = [p for p in mine if p["elapsed_s"] is not None]
-        axes[1].plot([p["elapsed_s"] for p in timed], [p["val/loss"] for p in timed], marker="o", label=label)
+        axes[1].plot([p["elapsed_s"] for p in timed], [p[metric] for p in timed], marker="o", label=label)
     axes[0].set_xlabel("training tokens")
     axes[1].set_xlabel("wall time (s)")
     for ax in axes:
-        ax.set_ylabel("val/loss")
+        ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()

@@ -292,3 +292,22 @@ def test_curves_script_tabulates_val_loss_by_tokens_and_time(tmp_path):
         ("dense", "10", "2560", "1.5", "3.0"), ("dense", "20", "5120", "3.0", "2.5"),
         ("moe_equal_active", "10", "2560", "1.5", "2.9"), ("moe_equal_active", "20", "5120", "3.0", "2.3")]
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_curves_joins_resumed_logs_and_labels_a_sweep_by_its_overrides(tmp_path):
+    """A run resumed from step 10 wrote version_1: its points replace version_0's from step 11 on and its wall
+    time continues version_0's at the resume; runs sharing model.name are told apart by their overrides."""
+    import curves
+
+    for core, acc in (("full", "0.4"), ("linear", "0.2")):
+        run = tmp_path / f"0_attention={core},experiment=lra"
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "config.yaml").write_text("model:\n  name: lra\ndata:\n  batch_size: 2\n  seq_len: 8\n")
+        for version, text in (("0", "9,5.0,\n9,,0.1\n19,9.0,\n19,,0.3\n"), ("1", f"10,1.0,\n19,4.0,\n19,,{acc}\n")):
+            (run / "csv" / f"version_{version}").mkdir(parents=True)
+            (run / "csv" / f"version_{version}" / "metrics.csv").write_text("step,train/elapsed_s,val/acc\n" + text)
+    out = curves.main([str(tmp_path), f"out={tmp_path / 'c'}", "metric=val/acc"])
+    rows = list(csv.DictReader(out.with_suffix(".csv").open()))
+    assert [(r["run"], r["step"], r["tokens"], r["elapsed_s"], r["val/acc"]) for r in rows] == [
+        ("attention=full", "10", "160", "5.0", "0.1"), ("attention=full", "20", "320", "9.0", "0.4"),
+        ("attention=linear", "10", "160", "5.0", "0.1"), ("attention=linear", "20", "320", "9.0", "0.2")]
