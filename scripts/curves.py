@@ -118,11 +118,11 @@ def main(argv: list[str]) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for label in dict.fromkeys(p["run"] for p in points):
         mine = [p for p in points if p["run"] == label]
-        x = [p["tokens"] if p["tokens"] is not None else p["step"] for p in mine]
+        x = [p["tokens"] if all(q["tokens"] is not None for q in points) else p["step"] for p in mine]
         axes[0].plot(x, [p[metric] for p in mine], marker="o", label=label)
         timed = [p for p in mine if p["elapsed_s"] is not None]
         axes[1].plot([p["elapsed_s"] for p in timed], [p[metric] for p in timed], marker="o", label=label)
-    axes[0].set_xlabel("training tokens")
+    axes[0].set_xlabel("training tokens" if all(p["tokens"] is not None for p in points) else "training steps")
     axes[1].set_xlabel("wall time (s)")
     for ax in axes:
         ax.set_ylabel(metric)
