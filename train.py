@@ -28,7 +28,7 @@ from pathlib import Path
 import hydra
 import lightning.pytorch as pl
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data.tokenizers import tokenizer_state
@@ -92,6 +92,21 @@ def build_loggers(cfg: DictConfig, resume_id: str | None):
             logger = instantiate(lcfg)
         loggers.append(logger)
     return loggers
+
+
+def check_test(cfg: DictConfig) -> None:
+    """test=true needs a test split and a test step: refused before anything is built, not after training."""
+    if not cfg.get("test"):
+        return
+    data, task = get_class(cfg.data._target_), get_class(cfg.task._target_)
+    if data.test_dataloader is pl.LightningDataModule.test_dataloader:
+        raise ValueError(f"test=true: the data module {data.__name__} has no test split; data modules with one: "
+                         "LRADataModule (data=lra_listops, data=lra_pathfinder)")
+    if cfg.data.get("num_test", None) == 0:
+        raise ValueError("test=true with data.num_test=0: the test split is empty; set data.num_test > 0 or test=false")
+    if task.test_step is pl.LightningModule.test_step:
+        raise ValueError(f"test=true: the task {task.__name__} has no test step; tasks with one: "
+                         "SequenceClassification (task=classification)")
 
 
 def check_sizes(cfg: DictConfig) -> None:
@@ -160,6 +175,7 @@ def _train(cfg: DictConfig) -> dict:
     # the model/core pair and the sizes are checked before any data is read or anything written
     model_config({**OmegaConf.to_container(cfg.model, resolve=True), "vocab_size": cfg.model.vocab_size or 1})
     check_sizes(cfg)
+    check_test(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     resume_id, start_step = None, None
@@ -209,6 +225,8 @@ def _train(cfg: DictConfig) -> dict:
             print(f"[zoo] {out_dir} had already reached step {start_step}: nothing trained, metrics.json kept")
         return json.loads((out_dir / "metrics.json").read_text())
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    if cfg.get("test"):  # the final weights, as training left them (not the best validation checkpoint)
+        metrics.update({k: float(v) for k, v in trainer.test(task, datamodule=dm, verbose=False)[0].items()})
     metrics.update({"params": n_params, "global_step": trainer.global_step})
     if trainer.is_global_zero:
         (out_dir / "metrics.json").write_text(json.dumps({"model": cfg.model.name, "attention": cfg.model.attention.core,

@@ -412,4 +412,6 @@ class LRADataModule(ResumableDataModule):
 
     # -- loaders (the shared plumbing is data.loading.ResumableDataModule) ----------------------------------------
     def test_dataloader(self):
+        if not self.sizes["test"]:
+            raise ValueError("the test split is empty (data.num_test=0): set data.num_test > 0 to score it")
         return self._loader(self.test_set, shuffle=False)[0]

@@ -181,7 +181,7 @@ def test_module_checks_sizes(tmp_path):
 
 
 # -- experiments -----------------------------------------------------------------------------------------------
-TINY = ["data.num_train=64", "data.num_val=16", "data.num_test=0", "trainer.max_steps=6", "trainer.val_check_interval=3"]
+TINY = ["data.num_train=64", "data.num_val=16", "data.num_test=8", "trainer.max_steps=6", "trainer.val_check_interval=3"]
 
 
 @pytest.mark.parametrize("experiment,extra", [
@@ -198,7 +198,22 @@ def test_experiment_smoke(tmp_path, experiment, extra):
     metrics = train.train(cfg)
     assert metrics["global_step"] == 6
     assert 0.0 <= metrics["val/acc"] <= 1.0
+    assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/loss"] > 0  # the experiments score the test split
+    assert json.loads((tmp_path / "metrics.json").read_text())["test/acc"] == metrics["test/acc"]
     assert list(tmp_path.glob("csv/**/metrics.csv"))
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["data.num_test=0"], "data.num_test=0"),
+    (["data=stdlib", "task=causal_lm", "model=gpt"], "has no test split"),
+])
+def test_test_split_is_checked_before_training(tmp_path, overrides, match):
+    import train
+
+    cfg = make_cfg(tmp_path, "experiment=lra_listops", f"paths.cache_dir={tmp_path / 'cache'}", *overrides)
+    with pytest.raises(ValueError, match=match):
+        train.train(cfg)
+    assert not (tmp_path / "cache").exists()  # refused before any data was generated
 
 
 @pytest.mark.parametrize("experiment", ["lra_listops", "lra_pathfinder"])
@@ -207,6 +222,6 @@ def test_every_swept_core_trains(tmp_path, experiment, core):
     import train
 
     cfg = make_cfg(tmp_path, f"experiment={experiment}", f"attention={core}", f"paths.cache_dir={tmp_path / 'cache'}",
-                   "data.num_train=32", "data.num_val=8", "data.num_test=0", "trainer.max_steps=2",
+                   "data.num_train=32", "data.num_val=8", "data.num_test=0", "test=false", "trainer.max_steps=2",
                    "trainer.val_check_interval=2", "model.d_model=32", "model.n_heads=2")
     assert train.train(cfg)["global_step"] == 2

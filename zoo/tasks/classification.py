@@ -25,8 +25,14 @@ class SequenceClassification(ZooTask):
         self.log("train/acc", acc, on_step=True, on_epoch=False)
         return self.training_loss(loss, batch["input_ids"].numel())
 
-    def validation_step(self, batch, batch_idx):
+    def _evaluate(self, batch, split: str):
         loss, acc = self._step(batch)
         n = batch["labels"].shape[0]
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
-        self.log("val/acc", acc, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
+        self.log(f"{split}/loss", loss, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
+        self.log(f"{split}/acc", acc, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx):  # train.py test=true: the test split, after training
+        self._evaluate(batch, "test")
