@@ -100,6 +100,14 @@ def test_pathfinder_generator():
     assert ((images > 0) & (images < 255)).any(1).all()  # dashes drawn
 
 
+def test_pathfinder_images_do_not_depend_on_the_worker_count(monkeypatch):
+    monkeypatch.setattr(lra, "PATHFINDER_SHARD", 7)  # 30 images: five shards, the last one short
+    one, labels = generate_pathfinder(30, seed=3, workers=1)
+    three, labels3 = generate_pathfinder(30, seed=3, workers=3)
+    assert np.array_equal(one, three) and np.array_equal(labels, labels3)
+    assert labels.sum() == 15 and len({img.tobytes() for img in one}) == 30
+
+
 def test_pathfinder_connectivity_is_exact_with_solid_contours():
     # gap=0: contours are unbroken; objects never touch, so the label is exactly flood-fill reachability
     rng = np.random.default_rng(0)
@@ -149,6 +157,31 @@ def test_listops_module_and_cache(tmp_path, monkeypatch):
     assert dm3.cache_path() != dm.cache_path()
     with pytest.raises(AssertionError, match="regenerated"):
         dm3.setup()
+
+
+def test_jobs_started_together_generate_the_data_once(tmp_path, monkeypatch):
+    """A sweep's jobs all call prepare_data at once: one generates, the others wait for its cache entry."""
+    import threading
+    import time
+
+    calls = []
+    real = LRADataModule.generate
+
+    def slow_generate(self):
+        calls.append(1)
+        time.sleep(0.5)
+        return real(self)
+    monkeypatch.setattr(LRADataModule, "generate", slow_generate)
+    modules = [LRADataModule(task="listops", seq_len=41, min_len=5, max_len=40, cache_dir=str(tmp_path), **SMALL)
+               for _ in range(3)]
+    threads = [threading.Thread(target=m.prepare_data) for m in modules]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [1] and (modules[0].cache_path() / "done").exists()
+    modules[2].setup()
+    assert len(modules[2].train_set) == 64
 
 
 def test_pathfinder_module_and_cache(tmp_path, monkeypatch):
