@@ -539,8 +539,8 @@ def sections() -> list[tuple]:
          + "; the earlier post-LN sweep, which collapsed: "
          + links("results/lra_listops_h200_postln.md")
          + "\n\nPathfinder: not run yet (62,400 steps of batch 512 per core).",
-         "Tay et al. 2021 (Long Range Arena), Table 1, test accuracy %, as quoted in docs/lra.md (from memory, "
-         "cross-checked against the paper's averages; check before citing):\n\n"
+         "Tay et al. 2021 (Long Range Arena), Table 1, test accuracy %, as in docs/lra.md (checked against the "
+         "leaderboard in LRA's repository README, 8 November 2020):\n\n"
          + table(DOCS / "lra.md", "LRA ListOps"),
          "Agrees on full attention (37.1% at step 5,000 against LRA's 36.4) and on the kernelized cores: Performer "
          "and linear attention stay at the majority class (0.169-0.176), as LRA's 18.0 and 16.1. Longformer reached "
