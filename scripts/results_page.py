@@ -348,12 +348,14 @@ def sections() -> list[tuple]:
          "more), and at LRA's lengths only the sliding window is faster (1.43x at 3K). Past them the cores "
          "that skip work overtake it in time, in this order: the window from 2K, linear attention and the strided "
          "pattern at 4K (1.05x, 1.00x), Longformer between 8K and 16K; at 16K the window runs 4.1x, linear 2.6x, "
-         "strided 2.4x, Longformer 1.6x and BigBird 0.93x full attention's steps/s. The performer (0.95x at 8K) "
+         "strided 2.4x, Longformer 1.6x and BigBird 0.93x full attention's steps/s (BigBird's H200 rows ran with "
+         "blocks of 16, before the experiment took LRA's 64). The performer (0.95x at 8K) "
          "and LSH run out of the H200's memory at 16K: they store per-token feature maps (256 random features "
          "per head) and hash rounds that full attention's fused kernel never keeps (performer 71.7 GiB at 8K "
          "against full attention's 31.1). On the CPU (SDPA's flash kernel there is quadratic in time, linear in memory) the picture "
-         "is LRA's in time: at 4K linear attention runs 7.2x, Longformer 4.9x, the window 4.4x and BigBird 3.5x the "
-         "full model's steps/s, the performer 0.79x; in memory it is not, as every core needs 1.5-9x the fused "
+         "is LRA's in time for most cores: at 4K linear attention runs 9.3x, Longformer 5.1x and the window 4.9x the "
+         "full model's steps/s, the performer 0.85x and BigBird 0.92x (its blocks of 64, LRA's, give each query 512 "
+         "keys; with blocks of 16 it ran 3.5x); in memory it is not, as every core needs 1.5-9x the fused "
          "kernel's memory at 4K (sparse_strided grows faster than linearly: its stride is fixed at 16, so its "
          "every-16th-key columns are N/16 long)."),
         ("MQAR across the causal cores",
