@@ -34,6 +34,9 @@ import triton.language as tl
 CHUNK = 64  # positions per chunk: the tensor-core tile; the result does not depend on it
 SEGMENT = 16  # chunks per sequential walk: the state scans run one program per segment, in parallel
 LOG_FLOOR = -30.0  # as kernels/linear_attention._LOG_FLOOR
+# the FAVOR+ kernels' tiles: rows of x per program, features per inner step (module-level: the compare mode of
+# scripts/tune_linear_kernels.py times other values)
+FAVOR_ROWS, FAVOR_FEATURES = 64, 64
 # launch settings per kernel (num_warps, num_stages), as chosen on the H200 by scripts/tune_linear_kernels.py
 # (2026-11-29; the spread between settings was within that run's noise, ~10%); module-level so it can retune
 LAUNCH = {"fwd_states": (4, 1), "fwd_out": (4, 1), "bwd_prep": (4, 1), "bwd_states": (4, 1), "bwd_chunk": (8, 1),
@@ -310,7 +313,7 @@ class _CausalLinearAttention(torch.autograd.Function):
         return dq, dk, dvv, ds0, dz0, None, None
 
 
-def causal_linear_attention(phi_q, phi_k, v, state=None, chunk: int = CHUNK, segment: int = SEGMENT):
+def causal_linear_attention(phi_q, phi_k, v, state=None, chunk: int | None = None, segment: int | None = None):
     """Causal linear attention from features, as kernels.linear_attention.linear_attention(causal=True):
     phi_q, phi_k (b, h, n, m) with padded keys zero, v (b, h, n, dv), state (S (b, h, m, dv), z (b, h, m)) or
     None. Computes in v's dtype (bf16/fp16 -> bf16 matmuls with fp32 accumulation; fp32 -> fp32 matmuls).
@@ -323,7 +326,7 @@ def causal_linear_attention(phi_q, phi_k, v, state=None, chunk: int = CHUNK, seg
     if state is not None:
         s0 = state[0].float().reshape(b * hh, m, dv).contiguous()
         z0 = state[1].float().reshape(b * hh, m).contiguous()
-    o, s, z = _CausalLinearAttention.apply(q, k, vv, s0, z0, chunk, segment)
+    o, s, z = _CausalLinearAttention.apply(q, k, vv, s0, z0, chunk or CHUNK, segment or SEGMENT)
     return o.reshape(b, hh, n, dv).to(v.dtype), (s.reshape(b, hh, m, dv), z.reshape(b, hh, m))
 
 
@@ -399,7 +402,7 @@ def _favor_bwd(x, w, phi, dphi, dx, N, D, M, scale_x,
 
 def _favor_meta(x, w):
     n, d, m = x.shape[1], x.shape[2], w.shape[0]
-    return n, d, m, dict(BN=64, BD=_p2(d), BM=min(64, _p2(m)), PREC=_prec(x.dtype))
+    return n, d, m, dict(BN=FAVOR_ROWS, BD=_p2(d), BM=min(FAVOR_FEATURES, _p2(m)), PREC=_prec(x.dtype))
 
 
 class _FavorFeatures(torch.autograd.Function):

@@ -3,10 +3,13 @@ coordinate descent on the causal Performer's fwd+bwd at 16K tokens (batch 1, 16 
 performer / linear rows of scripts/bench_cores.py measured with the chosen settings in the same process.
 
     python scripts/tune_linear_kernels.py out=docs/results/bench_linear_h200      # CUDA only, ~2 minutes
+    python scripts/tune_linear_kernels.py compare=true                            # the variants below instead
 
 It prints the chosen `LAUNCH` table; kernels/linear_attention_triton.py's LAUNCH holds the last choice. A step
 is timed over windows of 5 back-to-back steps (scripts/bench.median_step_ms); a setting replaces the current
-one only when it is more than 1% faster.
+one only when it is more than 1% faster. `compare=true` skips the launch sweep and times the causal Performer
+at the module's settings and at each of VARIANTS (other chunk and segment sizes, other FAVOR+ tiles), in
+`rounds` interleaved passes so that drift hits all alike, then runs the benchmark rows at the module's settings.
 """
 from __future__ import annotations
 
@@ -53,10 +56,37 @@ def tune(n: int = 16384) -> dict:
     return lat.LAUNCH
 
 
+VARIANTS = {"chunk 32": {"CHUNK": 32}, "chunk 128": {"CHUNK": 128}, "segment 8": {"SEGMENT": 8},
+            "segment 32": {"SEGMENT": 32}, "favor rows 32": {"FAVOR_ROWS": 32}, "favor rows 128": {"FAVOR_ROWS": 128},
+            "favor features 32": {"FAVOR_FEATURES": 32}, "favor features 128": {"FAVOR_FEATURES": 128}}
+
+
+def compare(n: int = 16384, rounds: int = 3) -> dict:
+    """Median step ms of the module's settings ("current") and of each variant, over interleaved rounds."""
+    import kernels.linear_attention_triton as lat
+    keys = sorted({key for change in VARIANTS.values() for key in change})
+    base = {key: getattr(lat, key) for key in keys}
+    times: dict[str, list] = {name: [] for name in ["current", *VARIANTS]}
+    for _ in range(rounds):
+        for name, change in [("current", {}), *VARIANTS.items()]:
+            for key, value in {**base, **change}.items():
+                setattr(lat, key, value)
+            try:
+                times[name].append(step_ms("performer", n))
+            except Exception as e:  # noqa: BLE001 — a tile too large for shared memory or registers is reported
+                times[name].append(float("nan"))
+                print(name, type(e).__name__, str(e)[:200], flush=True)
+    for key, value in base.items():
+        setattr(lat, key, value)
+    result = {name: round(sorted(t)[len(t) // 2], 3) for name, t in times.items()}
+    print("performer fwd+bwd ms at", n, "tokens:", json.dumps(result), flush=True)
+    return result
+
+
 if __name__ == "__main__":
-    o = parse(sys.argv[1:], {"out": "outputs/bench/linear_tuned"})
+    o = parse(sys.argv[1:], {"out": "outputs/bench/linear_tuned", "compare": False})
     if not torch.cuda.is_available():
         raise SystemExit("scripts/tune_linear_kernels.py tunes CUDA kernels: no CUDA device here")
-    tune()
+    compare() if o["compare"] else tune()
     bench(["device=cuda", "dtype=bf16", "heads=16", "head_dim=128", "seq_lens=16384,4096", "cores=performer,linear",
            "repeats=10", "warmup=3", f"out={o['out']}"])

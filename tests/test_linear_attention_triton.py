@@ -121,10 +121,13 @@ def test_keys_that_are_all_padding_give_zeros_not_nan():
         close(a, b_, 1e-5)
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_fused_favor_features_equal_torch_features_fp32(masked):
+@pytest.mark.parametrize("masked,tiles", [(False, None), (True, None), (False, (32, 128)), (False, (128, 32))])
+def test_fused_favor_features_equal_torch_features_fp32(masked, tiles, monkeypatch):
     """Features forward; gradients end to end through the attention (the offsets are constants to the kernel's
     gradient, exactly so for the attention output, not for the features alone)."""
+    if tiles:  # the other FAVOR+ tiles that scripts/tune_linear_kernels.py compare=true times
+        monkeypatch.setattr(lat, "FAVOR_ROWS", tiles[0])
+        monkeypatch.setattr(lat, "FAVOR_FEATURES", tiles[1])
     b, h, n, d, m = 2, 2, 40, 16, 80  # two feature tiles, the second partial
     q, k, v = rand(b, h, n, d, seed=1), rand(b, h, n, d, seed=2), rand(b, h, n, d, seed=3)
     proj = la.random_projection(m, d, seed=0).to(DEV)
