@@ -36,7 +36,7 @@ from zoo.checkpoint import read_checkpoint
 from zoo.models import model_config
 from zoo.models.registry import cuda_or
 from zoo.tasks import NonFiniteLossError
-from zoo.tasks.base import check_schedule
+from zoo.tasks.base import check_compile_mode, check_schedule
 
 
 def wandb_mode() -> str:
@@ -111,6 +111,7 @@ def check_test(cfg: DictConfig) -> None:
 
 def check_sizes(cfg: DictConfig) -> None:
     check_schedule(cfg.task.get("schedule", "cosine"))
+    check_compile_mode(cfg.task.get("compile_mode", "default"))
     m, d = cfg.model, cfg.data
     if m.get("share_layers") and "fsdp" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
         raise ValueError("model.share_layers=true with trainer=fsdp: FSDP shards each Block as its own unit and "

@@ -3,6 +3,7 @@
     python scripts/bench_gpt124m.py                      # on a GPU: bf16, compiled, batch 32 x 1024, both
     python scripts/bench_gpt124m.py --tiny               # CPU dry run: 2 layers, batch 2 x 64, no compile
     python scripts/bench_gpt124m.py --impls ours,ours-head,hf,hf-dropout --profile --sync-debug
+    python scripts/bench_gpt124m.py --compile-mode max-autotune-no-cudagraphs   # both: Triton matmul templates
 
 Implementations (--impls, each run in its own subprocess, one after another, on the same device):
   ours               zoo.tasks.CausalLM(model=gpt_124m, compile=True) trained by a Lightning Trainer
@@ -57,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=None, help="override the number of layers (--tiny: 2)")
     p.add_argument("--device", default=None, help="cuda or cpu (cuda when available; --tiny: cpu)")
     p.add_argument("--no-compile", action="store_true", help="eager mode (implied by --tiny)")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode for every implementation: "
+                   "default or max-autotune-no-cudagraphs (ours: task.compile_mode)")
     p.add_argument("--tiny", action="store_true", help="CPU dry run of the whole script")
     p.add_argument("--profile", action="store_true", help="after the timed window, profile 3 steps of each "
                    "implementation: top kernels by GPU time into bench_gpt124m_profiles.txt")
@@ -84,6 +87,8 @@ def parse_args(argv=None):
     for name in a.impls.split(","):
         if name not in IMPLS:
             p.error(f"--impls: {name!r} is unknown; valid choices: {', '.join(IMPLS)}")
+    if a.compile_mode not in ("default", "max-autotune-no-cudagraphs"):
+        p.error(f"--compile-mode: {a.compile_mode!r} is unknown; valid choices: default, max-autotune-no-cudagraphs")
     return a
 
 
@@ -252,7 +257,8 @@ def run_ours(a, name: str) -> dict:
                     self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
         task_cls = HeadCausalLM
-    task = task_cls(model=cfg, compile=a.compile)
+    mode = {} if a.compile_mode == "default" else {"compile_mode": a.compile_mode}  # ours-head may predate it
+    task = task_cls(model=cfg, compile=a.compile, **mode)
     cudagraphs = name == "ours-cudagraphs" and a.compile
     if cudagraphs:
         from zoo.tasks.language_modeling import token_loss
@@ -325,7 +331,8 @@ def run_hf(a, name: str) -> dict:
                             fused=device.type == "cuda")
     total = a.warmup + a.steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, min(100, total // 10 or 1), total, 0.1))
-    step_fn = torch.compile(model) if a.compile else model
+    step_fn = (torch.compile(model, mode=None if a.compile_mode == "default" else a.compile_mode) if a.compile
+               else model)
     batches = [x[:, :-1].contiguous() for x in make_batches(a, config.vocab_size)]
     batches = [b.pin_memory() for b in batches] if device.type == "cuda" else batches
     window, diag = Window(a), Diagnostics(a, name)
@@ -400,7 +407,8 @@ def write_tables(a, argv, results, device_name, versions, mm, show=False) -> str
     ref = ok.get("hf")
     lines = [
         f"GPT-2 124M training step, batch {a.batch} x {a.seq}, bf16-mixed, "
-        f"{'torch.compile' if a.compile else 'eager'}, {device_name}; {a.steps} timed steps after {a.warmup}.",
+        f"{('torch.compile (mode ' + a.compile_mode + ')') if a.compile else 'eager'}, {device_name}; {a.steps} timed "
+        f"steps after {a.warmup}.",
         "",
         "| implementation | tokens/s | ms/step | MFU | peak memory GiB | vs reference |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -428,7 +436,7 @@ def write_tables(a, argv, results, device_name, versions, mm, show=False) -> str
     (a.out / "bench_gpt124m.md").write_text(table + "\n")
     (a.out / "bench_gpt124m.json").write_text(json.dumps(
         {"device": device_name, "versions": versions, "matmul_bf16_flops": mm, "batch": a.batch, "seq": a.seq,
-         "warmup": a.warmup, "steps": a.steps, "compile": a.compile, "results": results}, indent=2))
+         "warmup": a.warmup, "steps": a.steps, "compile": a.compile, "compile_mode": a.compile_mode, "results": results}, indent=2))
     return table
 
 
@@ -456,7 +464,7 @@ def main(argv=None):
     passthrough = [f"--batch={a.batch}", f"--seq={a.seq}", f"--warmup={a.warmup}", f"--steps={a.steps}",
                    f"--device={a.device}", f"--out={a.out}", f"--head-root={a.head_root}"]
     passthrough += [f"--layers={a.layers}"] if a.layers else []
-    passthrough += ["--no-compile"] if not a.compile else []
+    passthrough += ["--no-compile"] if not a.compile else [f"--compile-mode={a.compile_mode}"]
     passthrough += ["--profile"] if a.profile else []
     passthrough += ["--sync-debug"] if a.sync_debug else []
     for name in a.impls.split(","):

@@ -64,6 +64,19 @@ def test_compiled_wrappers_stay_out_of_the_state_dict():
     fresh.load_state_dict(task.state_dict())  # strict: a compiled run's checkpoint resumes
 
 
+def test_compile_mode_reaches_torch_compile_and_a_bad_one_is_refused(monkeypatch):
+    """task.compile_mode: the mode torch.compile is given (default: none, torch's own); an unknown one is refused
+    when the task is built, naming the choices (train.py checks it before anything else)."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: seen.append(mode) or fn)
+    cfg = zoo.model_config("gpt", **TINY).to_dict()
+    CausalLM(model=cfg, compile=True).runner
+    CausalLM(model=cfg, compile=True, compile_mode="max-autotune-no-cudagraphs").runner
+    assert seen == [None, "max-autotune-no-cudagraphs"]
+    with pytest.raises(ValueError, match="task.compile_mode='reduce-overhead': choose one of default, max-autotune"):
+        CausalLM(model=cfg, compile=True, compile_mode="reduce-overhead")
+
+
 def test_nonfinite_loss_raises_on_cpu():
     task = CausalLM(model=zoo.model_config("gpt", **TINY).to_dict())
     task.check_finite(torch.tensor(1.5))

@@ -253,6 +253,9 @@ def test_rsqrt_schedule_and_a_bad_schedule_name(tmp_path):
     with pytest.raises(ValueError, match=r"task.schedule='linear': choose one of cosine, rsqrt"):
         run(tmp_path / "bad", "task.schedule=linear")
     assert not (tmp_path / "bad" / "checkpoints").exists()
+    with pytest.raises(ValueError, match=r"task.compile_mode='fast': choose one of default, max-autotune"):
+        run(tmp_path / "bad_mode", "task.compile_mode=fast")
+    assert not (tmp_path / "bad_mode" / "checkpoints").exists()
     metrics, cfg = run(tmp_path / "rsqrt", "task.schedule=rsqrt", "task.warmup_steps=5")
     lr = metrics["train/lr"] / cfg.task.lr  # the last logged step's factor, 20 steps in: about sqrt(5 / 19)
     assert metrics["global_step"] == 20 and (5 / 20) ** 0.5 <= lr <= (5 / 18) ** 0.5, lr

@@ -54,6 +54,14 @@ def warmup_rsqrt(step: int, warmup: int) -> float:
 
 
 SCHEDULES = ("cosine", "rsqrt")
+# torch.compile modes a training step can take; reduce-overhead (CUDA graphs) is left out: Lightning's loop keeps
+# outputs of one step (the logged loss) past the next replay, which CUDA graphs overwrite
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def check_compile_mode(mode: str) -> None:
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"task.compile_mode={mode!r}: choose one of {', '.join(COMPILE_MODES)}")
 
 
 def check_schedule(schedule: str) -> None:
@@ -63,8 +71,10 @@ def check_schedule(schedule: str) -> None:
 
 class ZooTask(pl.LightningModule):
     def __init__(self, model: dict, lr: float = 1e-3, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8,
-                 warmup_steps: int = 100, min_lr_ratio: float = 0.1, compile: bool = False, schedule: str = "cosine"):
+                 warmup_steps: int = 100, min_lr_ratio: float = 0.1, compile: bool = False, schedule: str = "cosine",
+                 compile_mode: str = "default"):
         check_schedule(schedule)
+        check_compile_mode(compile_mode)
         super().__init__()
         self.net = build_model(model)
         self.save_hyperparameters()
@@ -84,7 +94,8 @@ class ZooTask(pl.LightningModule):
         if not self.hparams.compile:
             return fn
         if name not in self._compiled:
-            self._compiled[name] = torch.compile(fn)
+            mode = self.hparams.get("compile_mode", "default")  # checkpoints from before the option lack it
+            self._compiled[name] = torch.compile(fn, mode=None if mode == "default" else mode)
         return self._compiled[name]
 
     # the network the steps run: compiled lazily so that the uncompiled module stays in the checkpoint
