@@ -22,8 +22,9 @@ per dash, background 0. Labels alternate 1, 0, 1, 0, ... before a seeded shuffle
 pixel-identical to the original generator (no paddle sprites, no anti-aliasing).
 
 Both are seeded: a split is a function of its generation parameters and the seed only (Pathfinder's images are
-drawn in independently seeded shards, in parallel, with the same result for any number of processes). Splits are cached with
-`datasets` (`save_to_disk`) under `cache_dir`, keyed by all generation parameters; a second run loads them.
+drawn in independently seeded shards, in parallel, with the same result for any number of processes). Splits
+are cached with `datasets` (`save_to_disk`) under `cache_dir`, keyed by all generation parameters; a second run
+loads them.
 """
 from __future__ import annotations
 

@@ -436,7 +436,8 @@ def write_tables(a, argv, results, device_name, versions, mm, show=False) -> str
     (a.out / "bench_gpt124m.md").write_text(table + "\n")
     (a.out / "bench_gpt124m.json").write_text(json.dumps(
         {"device": device_name, "versions": versions, "matmul_bf16_flops": mm, "batch": a.batch, "seq": a.seq,
-         "warmup": a.warmup, "steps": a.steps, "compile": a.compile, "compile_mode": a.compile_mode, "results": results}, indent=2))
+         "warmup": a.warmup, "steps": a.steps, "compile": a.compile, "compile_mode": a.compile_mode,
+         "results": results}, indent=2))
     return table
 
 

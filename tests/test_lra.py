@@ -214,7 +214,8 @@ def test_module_checks_sizes(tmp_path):
 
 
 # -- experiments -----------------------------------------------------------------------------------------------
-TINY = ["data.num_train=64", "data.num_val=16", "data.num_test=8", "trainer.max_steps=6", "trainer.val_check_interval=3"]
+TINY = ["data.num_train=64", "data.num_val=16", "data.num_test=8", "trainer.max_steps=6",
+        "trainer.val_check_interval=3"]
 
 
 @pytest.mark.parametrize("experiment,extra", [
