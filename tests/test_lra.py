@@ -112,7 +112,7 @@ def test_pathfinder_connectivity_is_exact_with_solid_contours():
     # gap=0: contours are unbroken; objects never touch, so the label is exactly flood-fill reachability
     rng = np.random.default_rng(0)
     checked = {True: 0, False: 0}
-    for i in range(60):
+    for i in range(150):  # about 40% of layouts pass the marker-distance match
         connected = i % 2 == 0
         ex = pathfinder_example(rng, connected, gap=0)
         if ex is None:
@@ -122,6 +122,25 @@ def test_pathfinder_connectivity_is_exact_with_solid_contours():
         assert _reachable(img, a, b) == connected
         checked[connected] += 1
     assert checked[True] > 20 and checked[False] > 20
+
+
+def test_pathfinder_marker_distance_does_not_give_the_label_away():
+    """Without distance_tolerance, a threshold on the distance between the two markers alone classifies ~69% of
+    images (disconnected markers sit on two contours, on average farther apart); with it, near chance."""
+    def best_threshold_accuracy(tolerance):
+        rng = np.random.default_rng(1)
+        dist, label = [], []
+        for i in range(1000):
+            ex = None
+            while ex is None:
+                ex = pathfinder_example(rng, i % 2 == 0, distance_tolerance=tolerance)
+            (a, b) = ex[1]
+            dist.append(np.hypot(a[0] - b[0], a[1] - b[1]))
+            label.append(i % 2 == 0)
+        dist, label = np.asarray(dist), np.asarray(label)
+        return max(max(((dist < t) == label).mean(), ((dist >= t) == label).mean()) for t in np.arange(0, 45, 0.25))
+    assert best_threshold_accuracy(None) > 0.63
+    assert best_threshold_accuracy(1.5) < 0.58
 
 
 # -- data module -----------------------------------------------------------------------------------------------
