@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -278,3 +280,15 @@ def test_every_swept_core_trains(tmp_path, experiment, core):
                    "data.num_train=32", "data.num_val=8", "data.num_test=0", "test=false", "trainer.max_steps=2",
                    "trainer.val_check_interval=2", "model.d_model=32", "model.n_heads=2")
     assert train.train(cfg)["global_step"] == 2
+
+
+def test_lra_baselines_script():
+    """scripts/lra_baselines.py: the one-cue rules docs/lra.md quotes (here at small sizes)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import lra_baselines
+
+    out = lra_baselines.main(["train=400", "val=300", "pathfinder=300"])
+    lo = out["listops"]
+    assert lo["rule"]["[MIN"] == 0 and lo["rule"]["[MAX"] == 9
+    assert lo["outermost_operator"] > lo["majority_class"] + 0.1
+    assert out["pathfinder"]["None"]["marker_distance_threshold"] > out["pathfinder"]["1.5"]["marker_distance_threshold"]
