@@ -126,25 +126,6 @@ def test_pathfinder_connectivity_is_exact_with_solid_contours():
     assert checked[True] > 20 and checked[False] > 20
 
 
-def test_pathfinder_marker_distance_does_not_give_the_label_away():
-    """Without distance_tolerance, a threshold on the distance between the two markers alone classifies ~69% of
-    images (disconnected markers sit on two contours, on average farther apart); with it, near chance."""
-    def best_threshold_accuracy(tolerance):
-        rng = np.random.default_rng(1)
-        dist, label = [], []
-        for i in range(1000):
-            ex = None
-            while ex is None:
-                ex = pathfinder_example(rng, i % 2 == 0, distance_tolerance=tolerance)
-            (a, b) = ex[1]
-            dist.append(np.hypot(a[0] - b[0], a[1] - b[1]))
-            label.append(i % 2 == 0)
-        dist, label = np.asarray(dist), np.asarray(label)
-        return max(max(((dist < t) == label).mean(), ((dist >= t) == label).mean()) for t in np.arange(0, 45, 0.25))
-    assert best_threshold_accuracy(None) > 0.63
-    assert best_threshold_accuracy(1.5) < 0.58
-
-
 # -- data module -----------------------------------------------------------------------------------------------
 def test_listops_module_and_cache(tmp_path, monkeypatch):
     dm = LRADataModule(task="listops", seq_len=41, min_len=5, max_len=40, cache_dir=str(tmp_path), **SMALL)
@@ -283,12 +264,15 @@ def test_every_swept_core_trains(tmp_path, experiment, core):
 
 
 def test_lra_baselines_script():
-    """scripts/lra_baselines.py: the one-cue rules docs/lra.md quotes (here at small sizes)."""
+    """scripts/lra_baselines.py: the one-cue rules docs/lra.md quotes (here at small sizes), fitted on one set and
+    scored on another."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import lra_baselines
 
-    out = lra_baselines.main(["train=400", "val=300", "pathfinder=300"])
+    out = lra_baselines.main(["train=400", "val=300", "pathfinder=1000"])
     lo = out["listops"]
     assert lo["rule"]["[MIN"] == 0 and lo["rule"]["[MAX"] == 9
     assert lo["outermost_operator"] > lo["majority_class"] + 0.1
-    assert out["pathfinder"]["None"]["marker_distance_threshold"] > out["pathfinder"]["1.5"]["marker_distance_threshold"]
+    # the marker distance gives Pathfinder's label away (~69%) unless the generator matches it between the classes
+    assert out["pathfinder"]["None"]["marker_distance_threshold"] > 0.63
+    assert out["pathfinder"]["1.5"]["marker_distance_threshold"] < 0.58
