@@ -263,6 +263,27 @@ def test_every_swept_core_trains(tmp_path, experiment, core):
     assert train.train(cfg)["global_step"] == 2
 
 
+def test_lra_baselines_cnn_receptive_fields():
+    """scripts/lra_baselines.py's two Pathfinder CNNs see what their docstring says: before the max over positions,
+    the local one's feature at a pixel depends on the 7 x 7 pixels around it only; the whole-image one's on pixels
+    more than 16 apart (so the markers of any image can meet)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import lra_baselines
+
+    def support(trunk, at):
+        x = torch.randn(1, 1, 32, 32, requires_grad=True)
+        f = trunk(x)
+        f[0, :, at, at].sum().backward()
+        rows, cols = (x.grad[0, 0].abs() > 0).nonzero(as_tuple=True)
+        return int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+
+    models = lra_baselines.cnn_models()
+    for m in models.values():
+        m.eval()  # batch statistics would couple the pixels
+    assert support(models["local_7px"][:-3], 16) == (7, 7)
+    assert min(support(models["whole_image"][:-3], 2)) > 16
+
+
 def test_lra_baselines_script():
     """scripts/lra_baselines.py: the one-cue rules docs/lra.md quotes (here at small sizes), fitted on one set and
     scored on another."""
@@ -270,6 +291,7 @@ def test_lra_baselines_script():
     import lra_baselines
 
     out = lra_baselines.main(["train=400", "val=300", "pathfinder=1000"])
+    assert "pathfinder_cnn" not in out  # the CNNs train only when asked (cnn=N)
     lo = out["listops"]
     assert lo["rule"]["[MIN"] == 0 and lo["rule"]["[MAX"] == 9
     assert lo["outermost_operator"] > lo["majority_class"] + 0.1
