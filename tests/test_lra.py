@@ -111,10 +111,11 @@ def test_pathfinder_images_do_not_depend_on_the_worker_count(monkeypatch):
 
 
 def test_pathfinder_connectivity_is_exact_with_solid_contours():
-    # gap=0: contours are unbroken; objects never touch, so the label is exactly flood-fill reachability
+    # gap=0: solid contours, broken only by the cut; objects never touch, so the label is exactly flood-fill
+    # reachability (a cut through the marked contour separates its ends; one through the other does not join them)
     rng = np.random.default_rng(0)
     checked = {True: 0, False: 0}
-    for i in range(150):  # about 40% of layouts pass the marker-distance match
+    for i in range(600):  # about 1 layout in 9 fits (the gaps' margin to the markers rejects most)
         connected = i % 2 == 0
         ex = pathfinder_example(rng, connected, gap=0)
         if ex is None:
@@ -295,6 +296,5 @@ def test_lra_baselines_script():
     lo = out["listops"]
     assert lo["rule"]["[MIN"] == 0 and lo["rule"]["[MAX"] == 9
     assert lo["outermost_operator"] > lo["majority_class"] + 0.1
-    # the marker distance gives Pathfinder's label away (~69%) unless the generator matches it between the classes
-    assert out["pathfinder"]["None"]["marker_distance_threshold"] > 0.63
-    assert out["pathfinder"]["1.5"]["marker_distance_threshold"] < 0.58
+    # both classes mark the ends of one contour: the markers' distance says nothing about the label
+    assert out["pathfinder"]["marker_distance_threshold"] < 0.56
