@@ -1,6 +1,6 @@
 """What LRA ListOps and Pathfinder give away without long-range reasoning: accuracy of rules that read one cue.
 
-    python scripts/lra_baselines.py                         # our generators at LRA's settings (about a minute)
+    python scripts/lra_baselines.py                         # our generators at LRA's settings (one to two minutes)
     python scripts/lra_baselines.py train=6000 val=2000 seed=3
 
 ListOps: the majority class, and a rule that reads only the outermost operator (MIN -> its commonest value in
@@ -17,7 +17,7 @@ but not whether the gap is on the marked contour. What the first reaches says th
 learned; what the second reaches above chance is a cue in the images that needs no contour following, and a
 sequence model could use it as well:
 
-    python scripts/lra_baselines.py cnn=20000        # about 10 minutes on 2 CPU cores (docs/lra.md has the figures)
+    python scripts/lra_baselines.py cnn=20000        # about 15 minutes on 2 CPU cores (docs/lra.md has the figures)
 """
 from __future__ import annotations
 
