@@ -13,13 +13,19 @@ a reference evaluator independent of the generator.
 
 Pathfinder-32 (Linsley et al. 2018, LRA's 32x32 set): two dashed contours, each a smooth random walk
 (heading turned by Normal(0, `curvature`) radians each unit step, `contour_len` steps, dashes of `dash` lit
-steps then `gap` dark ones), and `num_distractors` short dash segments. Two endpoint markers (3x3 blocks)
-sit on contour ends: both on the ends of contour A (label 1, connected) or one on an end of A and one on an
-end of B (label 0). Contours, markers and distractors keep `clearance` pixels (Chebyshev) from one another, so
-the objects never touch: with `gap=0` the connected examples are exactly those whose markers are joined under
-an 8-connected flood fill of the lit pixels. Intensities: lit pixels 255 (markers) or drawn in [160, 255]
-per dash, background 0. Labels alternate 1, 0, 1, 0, ... before a seeded shuffle: exactly balanced. Not
-pixel-identical to the original generator (no paddle sprites, no anti-aliasing).
+steps then `gap` dark ones), and `num_distractors` short dash segments. Two endpoint markers (3x3 blocks) sit
+on the two ends of contour A in both classes, and a gap (`cut` points removed from the middle) is cut into one
+contour: into B (label 1, connected) or into A (label 0). The classes differ only in where the gap is, so the
+markers' distance and how the marked ends look locally say nothing about the label. (Version 2 marked one end of
+each contour in a disconnected image, the pair chosen to match A's end-to-end distance: a CNN that sees 7 x 7
+pixels then told the classes apart 60% of the time, from how the chosen ends looked; now 49%,
+scripts/lra_baselines.py cnn=20000.) Both contours are drawn alike, each in the empty image, so neither's shape
+says which is A or which is cut; both contours' gaps, drawn or not, keep `cut_margin` pixels from the markers.
+Contours (and a contour's two halves around its gap), markers and distractors keep `clearance` pixels
+(Chebyshev) from one another, so the objects never touch: with `gap=0` the connected examples are exactly those
+whose markers are joined under an 8-connected flood fill of the lit pixels. Intensities: lit pixels 255
+(markers) or drawn in [160, 255] per dash, background 0. Labels alternate 1, 0, 1, 0, ... before a seeded
+shuffle: exactly balanced. Not pixel-identical to the original generator (no paddle sprites, no anti-aliasing).
 
 Both are seeded: a split is a function of its generation parameters and the seed only (Pathfinder's images are
 drawn in independently seeded shards, in parallel, with the same result for any number of processes). Splits
@@ -217,23 +223,13 @@ def _cut(n: int, cut: int) -> range:
 def pathfinder_example(rng: np.random.Generator, connected: bool, *, resolution: int = 32, contour_len: int = 30,
                        curvature: float = 0.35, dash: int = 3, gap: int = 1, num_distractors: int = 4,
                        distractor_len: int = 4, clearance: int = 2, cut: int = 4, cut_margin: int = 8):
-    """One (res, res) uint8 image with its two marker centres, or None when the layout did not fit.
-
-    Both classes mark the two ends of contour A, and in both one of the two contours is cut: `cut` points are
-    removed from its middle (a gap of cut + 1 dark steps where the dashes leave 1). Connected: the other contour,
-    B, is cut; disconnected: A itself. The images differ only in which contour the gap is on, so the markers'
-    distance and how the marked ends look locally are the same in both classes. (An earlier generator marked one
-    end of each contour in a disconnected image, choosing the pair whose distance matched A's: a threshold on
-    the distance then gave 51%, but a CNN that sees 7 x 7 pixels 60%, from how the chosen ends looked.) The
-    contours are drawn alike, each in the empty image, and a layout is rejected when they, or a contour's two
-    halves around its gap, come within `clearance` pixels: which contour is A, and which one is cut, cannot be
-    told from either's shape. Both contours' gaps (drawn or not) keep `cut_margin` pixels (Chebyshev) from the
-    markers, so that no small window holds a marker and a gap (a 7 x 7 CNN: 49% on 4,000 held-out images;
-    scripts/lra_baselines.py cnn=20000)."""
+    """One (res, res) uint8 image with its two marker centres (A's ends), or None when the layout did not fit:
+    the contours, or a contour's halves around its gap, too close, or a gap within `cut_margin` of a marker
+    (the module docstring says why)."""
     res = resolution
     img = np.zeros((res, res), dtype=np.uint8)
     empty = np.zeros((res, res), dtype=bool)
-    contours, objects = [], []
+    contours, objects, gap_ends = [], [], []
     for _ in range(2):
         pts = _walk(rng, contour_len, curvature, res, empty, margin=1)
         if pts is None or len(pts) < cut + 4:
@@ -250,14 +246,14 @@ def pathfinder_example(rng: np.random.Generator, connected: bool, *, resolution:
             obj[pts[k]] = True  # the gap stays clear of other objects
         contours.append(pts)
         objects.append(obj)
+        gap_ends += [pts[gone.start - 1], pts[gone.stop]]
     if (_dilate(objects[0], clearance) & objects[1]).any():
         return None
     a, b = contours
-    for pts in contours:  # both gaps, whichever is drawn: the layout does not depend on the label
-        gone = _cut(len(pts), cut)
-        for p in (pts[gone.start - 1], pts[gone.stop]):
-            if min(max(abs(p[0] - m[0]), abs(p[1] - m[1])) for m in (a[0], a[-1])) < cut_margin:
-                return None  # a gap this close to a marker would be visible without following the contour
+    # both gaps, whichever is drawn (the layout does not depend on the label): one this close to a marker would
+    # be visible without following the contour
+    if min(max(abs(p[0] - m[0]), abs(p[1] - m[1])) for p in gap_ends for m in (a[0], a[-1])) < cut_margin:
+        return None
     occupied = objects[0] | objects[1]
     for _ in range(num_distractors):
         pts = _walk(rng, distractor_len, curvature, res, _dilate(occupied, clearance), margin=0)
