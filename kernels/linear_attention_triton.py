@@ -190,14 +190,9 @@ def _bwd_chunk(q, k, v, g, r, h, zs, pre_s, pre_z, dh, dzs, pre_ds, pre_dz, dq, 
     b_v = tl.load(p_v, boundary_check=(0, 1))
     b_r = tl.load(r + i_bh * N + pos, mask=pos < N, other=0.0)
     da = tl.where(causal, tl.dot(b_g, tl.trans(b_v), input_precision=PREC) + b_r[:, None], 0.0).to(b_v.dtype)
+    # q and k are read once: the same pass sums A = Q K^T (for dV's intra-chunk part, added after it)
     a = tl.zeros([C, C], dtype=tl.float32)
-    for i_k in range(tl.cdiv(M, BK)):
-        p_q = tl.make_block_ptr(q + i_bh * N * M, (N, M), (M, 1), (i_c * C, i_k * BK), (C, BK), (1, 0))
-        p_k = tl.make_block_ptr(k + i_bh * N * M, (N, M), (M, 1), (i_c * C, i_k * BK), (C, BK), (1, 0))
-        a += tl.dot(tl.load(p_q, boundary_check=(0, 1)), tl.trans(tl.load(p_k, boundary_check=(0, 1))),
-                    input_precision=PREC)
-    a = tl.where(causal, a, 0.0).to(b_v.dtype)
-    b_dv = tl.dot(tl.trans(a), b_g, input_precision=PREC)
+    b_dv = tl.zeros([C, BDV], dtype=tl.float32)
     for i_k in range(tl.cdiv(M, BK)):
         ok = i_k * BK + tl.arange(0, BK)
         p_q = tl.make_block_ptr(q + i_bh * N * M, (N, M), (M, 1), (i_c * C, i_k * BK), (C, BK), (1, 0))
@@ -223,10 +218,13 @@ def _bwd_chunk(q, k, v, g, r, h, zs, pre_s, pre_z, dh, dzs, pre_ds, pre_dz, dq, 
         b_dk = tl.dot(tl.trans(da), b_q, input_precision=PREC) + tl.dot(b_v, tl.trans(b_dh), input_precision=PREC)
         b_dk += b_dz[None, :]
         b_dv += tl.dot(b_k, b_dh, input_precision=PREC)
+        a += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
         p_dq = tl.make_block_ptr(dq + i_bh * N * M, (N, M), (M, 1), (i_c * C, i_k * BK), (C, BK), (1, 0))
         p_dk = tl.make_block_ptr(dk + i_bh * N * M, (N, M), (M, 1), (i_c * C, i_k * BK), (C, BK), (1, 0))
         tl.store(p_dq, b_dq.to(dq.dtype.element_ty), boundary_check=(0, 1))
         tl.store(p_dk, b_dk.to(dk.dtype.element_ty), boundary_check=(0, 1))
+    a = tl.where(causal, a, 0.0).to(b_v.dtype)
+    b_dv += tl.dot(tl.trans(a), b_g, input_precision=PREC)
     p_dv = tl.make_block_ptr(dv + i_bh * N * DV, (N, DV), (DV, 1), (i_c * C, 0), (C, BDV), (1, 0))
     tl.store(p_dv, b_dv.to(dv.dtype.element_ty), boundary_check=(0, 1))
 
@@ -345,10 +343,11 @@ def _favor_logits(b_x, sq, w, i_m, D, M, scale_x, BD: tl.constexpr, BM: tl.const
 @triton.jit
 def _favor_fwd(x, w, off, phi, rowmax, N, D, M, scale_x, scale_phi,
                BN: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
-               FLOOR: tl.constexpr):
+               FLOOR: tl.constexpr, ONE_TILE: tl.constexpr):
     """MODE 0: query features, each row minus its own max. MODE 1: only the keys' row max (for the shared
-    offset). MODE 2: key features minus the per-(batch, head) offset `off`. Features in tiles of BM: a row's
-    max takes one pass over them, the features another (the matmul is recomputed: cheaper than storing)."""
+    offset). MODE 2: key features minus the per-(batch, head) offset `off`. Features in tiles of BM: unless one
+    tile holds them all (ONE_TILE), a row's max takes one pass over them, the features another (the matmul is
+    recomputed: cheaper than storing)."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     rows = i_n * BN + tl.arange(0, BN)
     cd = tl.arange(0, BD)
@@ -359,20 +358,34 @@ def _favor_fwd(x, w, off, phi, rowmax, N, D, M, scale_x, scale_phi,
     sq = (0.5 * scale_x * scale_x) * tl.sum(xf * xf, axis=1)
     if MODE == 2:
         shift = tl.zeros([BN], dtype=tl.float32) + tl.load(off + i_bh)
-    else:
+    elif not ONE_TILE:
         shift = tl.full([BN], float("-inf"), dtype=tl.float32)
         for i_m in range(tl.cdiv(M, BM)):
             logit = _favor_logits(b_x, sq, w, i_m, D, M, scale_x, BD, BM, PREC)
             shift = tl.maximum(shift, tl.max(logit, axis=1))
-    if MODE == 1:
+    if ONE_TILE:  # all features in one tile: the logits once, for the max and the features
+        logit = _favor_logits(b_x, sq, w, 0, D, M, scale_x, BD, BM, PREC)
+        if MODE != 2:
+            shift = tl.max(logit, axis=1)
+        if MODE == 1:
+            tl.store(rowmax + i_bh * N + rows, shift, mask=mr)
+        else:
+            _favor_store(phi, logit, shift, i_bh, rows, 0, N, M, scale_phi, BM, FLOOR)
+    elif MODE == 1:
         tl.store(rowmax + i_bh * N + rows, shift, mask=mr)
     else:
         for i_m in range(tl.cdiv(M, BM)):
             logit = _favor_logits(b_x, sq, w, i_m, D, M, scale_x, BD, BM, PREC)
-            f = tl.exp(tl.maximum(logit - shift[:, None], FLOOR)) * scale_phi
-            cm = i_m * BM + tl.arange(0, BM)
-            tl.store(phi + i_bh * N * M + rows[:, None] * M + cm[None, :], f.to(phi.dtype.element_ty),
-                     mask=mr[:, None] & (cm < M)[None, :])
+            _favor_store(phi, logit, shift, i_bh, rows, i_m, N, M, scale_phi, BM, FLOOR)
+
+
+@triton.jit
+def _favor_store(phi, logit, shift, i_bh, rows, i_m, N, M, scale_phi, BM: tl.constexpr, FLOOR: tl.constexpr):
+    """Features [i_m * BM, (i_m + 1) * BM) of a row tile from their logits and the rows' shifts."""
+    f = tl.exp(tl.maximum(logit - shift[:, None], FLOOR)) * scale_phi
+    cm = i_m * BM + tl.arange(0, BM)
+    tl.store(phi + i_bh * N * M + rows[:, None] * M + cm[None, :], f.to(phi.dtype.element_ty),
+             mask=(rows < N)[:, None] & (cm < M)[None, :])
 
 
 @triton.jit
@@ -412,7 +425,8 @@ class _FavorFeatures(torch.autograd.Function):
         bh = x.shape[0]
         phi = torch.empty(bh, n, m, device=x.device, dtype=x.dtype)
         _launch(_favor_fwd, "favor_fwd", (triton.cdiv(n, meta["BN"]), bh), x, w, offset if offset is not None else phi,
-                phi, phi, n, d, m, d ** -0.25, m ** -0.5, MODE=0 if offset is None else 2, FLOOR=LOG_FLOOR, **meta)
+                phi, phi, n, d, m, d ** -0.25, m ** -0.5, MODE=0 if offset is None else 2, FLOOR=LOG_FLOOR,
+                ONE_TILE=m <= meta["BM"], **meta)
         ctx.save_for_backward(x, w, phi)
         return phi
 
@@ -431,7 +445,7 @@ def favor_key_row_max(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     n, d, m, meta = _favor_meta(x, w)
     out = torch.empty(x.shape[0], n, device=x.device, dtype=torch.float32)
     _launch(_favor_fwd, "favor_fwd", (triton.cdiv(n, meta["BN"]), x.shape[0]), x, w, out, out, out, n, d, m,
-            d ** -0.25, m ** -0.5, MODE=1, FLOOR=LOG_FLOOR, **meta)
+            d ** -0.25, m ** -0.5, MODE=1, FLOOR=LOG_FLOOR, ONE_TILE=m <= meta["BM"], **meta)
     return out
 
 

@@ -58,7 +58,10 @@ def tune(n: int = 16384) -> dict:
 
 VARIANTS = {"chunk 32": {"CHUNK": 32}, "chunk 128": {"CHUNK": 128}, "segment 8": {"SEGMENT": 8},
             "segment 32": {"SEGMENT": 32}, "favor rows 32": {"FAVOR_ROWS": 32}, "favor rows 128": {"FAVOR_ROWS": 128},
-            "favor features 32": {"FAVOR_FEATURES": 32}, "favor features 128": {"FAVOR_FEATURES": 128}}
+            "favor features 32": {"FAVOR_FEATURES": 32}, "favor features 128": {"FAVOR_FEATURES": 128},
+            # one tile of all 256 features: each logit computed once
+            "favor features 256": {"FAVOR_FEATURES": 256},
+            "favor rows 32, features 256": {"FAVOR_ROWS": 32, "FAVOR_FEATURES": 256}}
 
 
 def compare(n: int = 16384, rounds: int = 3) -> dict:

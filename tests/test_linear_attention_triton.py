@@ -128,7 +128,7 @@ def test_fused_favor_features_equal_torch_features_fp32(masked, tiles, monkeypat
     if tiles:  # the other FAVOR+ tiles that scripts/tune_linear_kernels.py compare=true times
         monkeypatch.setattr(lat, "FAVOR_ROWS", tiles[0])
         monkeypatch.setattr(lat, "FAVOR_FEATURES", tiles[1])
-    b, h, n, d, m = 2, 2, 40, 16, 80  # two feature tiles, the second partial
+    b, h, n, d, m = 2, 2, 40, 16, 80  # two feature tiles, the second partial; one tile (ONE_TILE) at 128 features
     q, k, v = rand(b, h, n, d, seed=1), rand(b, h, n, d, seed=2), rand(b, h, n, d, seed=3)
     proj = la.random_projection(m, d, seed=0).to(DEV)
     mask = None
