@@ -149,6 +149,17 @@ def favor_features(q: torch.Tensor, k: torch.Tensor, projection: torch.Tensor, k
     return favor_query_features(lq), phi_k, new
 
 
+def causal_favor_attention(q, k, v, projection, key_padding_mask=None, chunk_size: int = 64, impl: str = "auto"):
+    """Causal FAVOR+ attention of queries, keys, values (b, h, n, d), no running state (the training path):
+    favor_features then linear_attention. On triton without padded keys, one fused autograd node
+    (kernels/linear_attention_triton.causal_favor_attention, the same result)."""
+    if key_padding_mask is None and choose_impl(impl, q) == "triton":
+        with torch.autocast(q.device.type, enabled=False):
+            return _triton().causal_favor_attention(q, k, v, projection)
+    phi_q, phi_k, _ = favor_features(q, k, projection, key_padding_mask, impl=impl)
+    return linear_attention(phi_q, phi_k, v, causal=True, chunk_size=chunk_size, impl=impl)[0]
+
+
 def relu_features(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
     x = x.to(_compute_dtype(x)) * x.shape[-1] ** -0.25
     return F.relu(_project(x, projection)) + RELU_EPS

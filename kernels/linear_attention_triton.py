@@ -179,7 +179,9 @@ def _bwd_states(q, g, r, dh, dzs, seg_ds, seg_dz, N, M, DV, NC, NV,
 
 @triton.jit
 def _bwd_chunk(q, k, v, g, r, h, zs, pre_s, pre_z, dh, dzs, pre_ds, pre_dz, dq, dk, dv, N, M, DV, NC, NG,
-               C: tl.constexpr, CPS: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr):
+               C: tl.constexpr, CPS: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr,
+               EPI: tl.constexpr):
+    """dq, dk, dv of chunk i_c; EPI 1: dq * q and dk * k instead (the features' own input gradient)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     t = tl.arange(0, C)
     pos = i_c * C + t
@@ -219,6 +221,9 @@ def _bwd_chunk(q, k, v, g, r, h, zs, pre_s, pre_z, dh, dzs, pre_ds, pre_dz, dq, 
         b_dk += b_dz[None, :]
         b_dv += tl.dot(b_k, b_dh, input_precision=PREC)
         a += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+        if EPI == 1:
+            b_dq *= b_q.to(tl.float32)
+            b_dk *= b_k.to(tl.float32)
         p_dq = tl.make_block_ptr(dq + i_bh * N * M, (N, M), (M, 1), (i_c * C, i_k * BK), (C, BK), (1, 0))
         p_dk = tl.make_block_ptr(dk + i_bh * N * M, (N, M), (M, 1), (i_c * C, i_k * BK), (C, BK), (1, 0))
         tl.store(p_dq, b_dq.to(dq.dtype.element_ty), boundary_check=(0, 1))
@@ -243,72 +248,84 @@ def _exclusive_prefix(tot, init, reverse: bool = False):
     return pre if init is None else pre + init[:, None]
 
 
+def _attention_forward(q, k, v, s0, z0, chunk, segment):
+    """(bh, n, m) features q, k, (bh, n, dv) values, fp32 initial state or None -> (out, final S, final z, the
+    tensors the backward reads)."""
+    bh, n, m = q.shape
+    dv = v.shape[-1]
+    nc = triton.cdiv(n, chunk)
+    ng = triton.cdiv(nc, segment)
+    bk, bv = min(64, _p2(m)), min(128, _p2(dv))  # a whole value row per program: k and q are read once
+    nk, nv = triton.cdiv(m, bk), triton.cdiv(dv, bv)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    h = torch.empty(bh, nc, m, dv, device=q.device, dtype=q.dtype)
+    zs = torch.empty(bh, nc, m, **f32)
+    seg_s, seg_z = torch.empty(bh, ng, m, dv, **f32), torch.empty(bh, ng, m, **f32)
+    prec = _prec(q.dtype)
+    _launch(_fwd_states, "fwd_states", (bh, nk * nv, ng), k, v, h, zs, seg_s, seg_z, n, m, dv, nc, nv,
+            C=chunk, CPS=segment, BK=bk, BV=bv, PREC=prec)
+    pre_s, pre_z = _exclusive_prefix(seg_s, s0), _exclusive_prefix(seg_z, z0)
+    s_final, z_final = pre_s[:, -1] + seg_s[:, -1], pre_z[:, -1] + seg_z[:, -1]
+    pre_s = pre_s.to(q.dtype)  # rounded as the chunk states are; read by every chunk of the segment
+    o = torch.empty_like(v)
+    den = torch.empty(bh, n, **f32)
+    bvo = min(128, _p2(dv))
+    _launch(_fwd_out, "fwd_out", (nc, bh, triton.cdiv(dv, bvo)), q, k, v, h, zs, pre_s, pre_z, o, den, n, m, dv,
+            nc, ng, C=chunk, CPS=segment, BK=bk, BV=bvo, PREC=prec)
+    return o, s_final, z_final, (q, k, v, o, den, h, zs, pre_s, pre_z)
+
+
+def _attention_backward(saved, do, ds_final, dz_final, chunk, segment, use_h0, epi=0):
+    """Gradients (dq, dk, dv, dS0, dz0) from _attention_forward's tensors; epi=1 returns dq * q and dk * k
+    instead of dq and dk (what the FAVOR+ features' backward reads: one tensor, not two)."""
+    q, k, v, o, den, h, zs, pre_s, pre_z = saved
+    bh, n, m = q.shape
+    dv = v.shape[-1]
+    nc = triton.cdiv(n, chunk)
+    ng = triton.cdiv(nc, segment)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    g = torch.empty_like(v)
+    r = torch.empty(bh, n, **f32)
+    if do is None:
+        g.zero_()
+        r.zero_()
+    else:
+        _launch(_bwd_prep, "bwd_prep", (triton.cdiv(n, 64), bh), do.contiguous(), o, den, g, r, n, dv,
+                BN=64, BDV=_p2(dv))
+    bk, bv = min(64, _p2(m)), min(128, _p2(dv))
+    nk, nv = triton.cdiv(m, bk), triton.cdiv(dv, bv)
+    dh = torch.empty_like(h)
+    dzs = torch.empty_like(zs)
+    seg_ds, seg_dz = torch.empty(bh, ng, m, dv, **f32), torch.empty(bh, ng, m, **f32)
+    prec = _prec(q.dtype)
+    _launch(_bwd_states, "bwd_states", (bh, nk * nv, ng), q, g, r, dh, dzs, seg_ds, seg_dz, n, m, dv, nc, nv,
+            C=chunk, CPS=segment, BK=bk, BV=bv, PREC=prec)
+    # the later segments' part, walked backwards: an exclusive prefix over the flipped segments
+    pre_ds = _exclusive_prefix(seg_ds, None if ds_final is None else ds_final.float(), reverse=True)
+    pre_dz = _exclusive_prefix(seg_dz, None if dz_final is None else dz_final.float(), reverse=True)
+    dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _launch(_bwd_chunk, "bwd_chunk", (nc, bh), q, k, v, g, r, h, zs, pre_s, pre_z, dh, dzs,
+            pre_ds.to(q.dtype).contiguous(), pre_dz.contiguous(), dq, dk, dvv, n, m, dv, nc, ng,
+            C=chunk, CPS=segment, BK=bk, BDV=_p2(dv), PREC=prec, EPI=epi)
+    ds0 = dz0 = None
+    if use_h0:  # the initial state reaches every position: the gradient of the whole first segment on
+        ds0, dz0 = pre_ds[:, 0] + seg_ds[:, 0], pre_dz[:, 0] + seg_dz[:, 0]
+    return dq, dk, dvv, ds0, dz0
+
+
 class _CausalLinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, s0, z0, chunk, segment):
-        bh, n, m = q.shape
-        dv = v.shape[-1]
-        nc = triton.cdiv(n, chunk)
-        ng = triton.cdiv(nc, segment)
-        bk, bv = min(64, _p2(m)), min(128, _p2(dv))  # a whole value row per program: k and q are read once
-        nk, nv = triton.cdiv(m, bk), triton.cdiv(dv, bv)
-        f32 = dict(device=q.device, dtype=torch.float32)
-        h = torch.empty(bh, nc, m, dv, device=q.device, dtype=q.dtype)
-        zs = torch.empty(bh, nc, m, **f32)
-        seg_s, seg_z = torch.empty(bh, ng, m, dv, **f32), torch.empty(bh, ng, m, **f32)
-        prec = _prec(q.dtype)
-        _launch(_fwd_states, "fwd_states", (bh, nk * nv, ng), k, v, h, zs, seg_s, seg_z, n, m, dv, nc, nv,
-                C=chunk, CPS=segment, BK=bk, BV=bv, PREC=prec)
-        pre_s, pre_z = _exclusive_prefix(seg_s, s0), _exclusive_prefix(seg_z, z0)
-        s_final, z_final = pre_s[:, -1] + seg_s[:, -1], pre_z[:, -1] + seg_z[:, -1]
-        pre_s = pre_s.to(q.dtype)  # rounded as the chunk states are; read by every chunk of the segment
-        o = torch.empty_like(v)
-        den = torch.empty(bh, n, **f32)
-        bvo = min(128, _p2(dv))
-        _launch(_fwd_out, "fwd_out", (nc, bh, triton.cdiv(dv, bvo)), q, k, v, h, zs, pre_s, pre_z, o, den, n, m, dv,
-                nc, ng, C=chunk, CPS=segment, BK=bk, BV=bvo, PREC=prec)
-        ctx.save_for_backward(q, k, v, o, den, h, zs, pre_s, pre_z)
+        o, s_final, z_final, saved = _attention_forward(q, k, v, s0, z0, chunk, segment)
+        ctx.save_for_backward(*saved)
         ctx.chunk, ctx.segment, ctx.use_h0 = chunk, segment, s0 is not None
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(den)
         return o, s_final, z_final
 
     @staticmethod
     def backward(ctx, do, ds_final, dz_final):
-        q, k, v, o, den, h, zs, pre_s, pre_z = ctx.saved_tensors
-        chunk, segment = ctx.chunk, ctx.segment
-        bh, n, m = q.shape
-        dv = v.shape[-1]
-        nc = triton.cdiv(n, chunk)
-        ng = triton.cdiv(nc, segment)
-        f32 = dict(device=q.device, dtype=torch.float32)
-        g = torch.empty_like(v)
-        r = torch.empty(bh, n, **f32)
-        if do is None:
-            g.zero_()
-            r.zero_()
-        else:
-            _launch(_bwd_prep, "bwd_prep", (triton.cdiv(n, 64), bh), do.contiguous(), o, den, g, r, n, dv,
-                    BN=64, BDV=_p2(dv))
-        bk, bv = min(64, _p2(m)), min(128, _p2(dv))  # a whole value row per program: k and q are read once
-        nk, nv = triton.cdiv(m, bk), triton.cdiv(dv, bv)
-        dh = torch.empty_like(h)
-        dzs = torch.empty_like(zs)
-        seg_ds, seg_dz = torch.empty(bh, ng, m, dv, **f32), torch.empty(bh, ng, m, **f32)
-        prec = _prec(q.dtype)
-        _launch(_bwd_states, "bwd_states", (bh, nk * nv, ng), q, g, r, dh, dzs, seg_ds, seg_dz, n, m, dv, nc, nv,
-                C=chunk, CPS=segment, BK=bk, BV=bv, PREC=prec)
-        # the later segments' part, walked backwards: an exclusive prefix over the flipped segments
-        pre_ds = _exclusive_prefix(seg_ds, None if ds_final is None else ds_final.float(), reverse=True)
-        pre_dz = _exclusive_prefix(seg_dz, None if dz_final is None else dz_final.float(), reverse=True)
-        dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _launch(_bwd_chunk, "bwd_chunk", (nc, bh), q, k, v, g, r, h, zs, pre_s, pre_z, dh, dzs,
-                pre_ds.to(q.dtype).contiguous(), pre_dz.contiguous(), dq, dk, dvv, n, m, dv, nc, ng,
-                C=chunk, CPS=segment, BK=bk, BDV=_p2(dv), PREC=prec)
-        ds0 = dz0 = None
-        if ctx.use_h0:  # the initial state reaches every position: the gradient of the whole first segment on
-            ds0, dz0 = pre_ds[:, 0] + seg_ds[:, 0], pre_dz[:, 0] + seg_dz[:, 0]
-        return dq, dk, dvv, ds0, dz0, None, None
+        grads = _attention_backward(ctx.saved_tensors, do, ds_final, dz_final, ctx.chunk, ctx.segment, ctx.use_h0)
+        return (*grads, None, None)
 
 
 def causal_linear_attention(phi_q, phi_k, v, state=None, chunk: int | None = None, segment: int | None = None):
@@ -390,7 +407,8 @@ def _favor_store(phi, logit, shift, i_bh, rows, i_m, N, M, scale_phi, BM: tl.con
 
 @triton.jit
 def _favor_bwd(x, w, phi, dphi, dx, N, D, M, scale_x,
-               BN: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
+               BN: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, PRODUCT: tl.constexpr):
+    """dx from dl = dphi * phi; PRODUCT: `dphi` holds dl already (phi is not read)."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     rows = i_n * BN + tl.arange(0, BN)
     cd = tl.arange(0, BD)
@@ -401,8 +419,9 @@ def _favor_bwd(x, w, phi, dphi, dx, N, D, M, scale_x,
         cm = i_m * BM + tl.arange(0, BM)
         mf = mr[:, None] & (cm < M)[None, :]
         off_f = i_bh * N * M + rows[:, None] * M + cm[None, :]
-        dl = (tl.load(dphi + off_f, mask=mf, other=0.0).to(tl.float32)
-              * tl.load(phi + off_f, mask=mf, other=0.0).to(tl.float32))
+        dl = tl.load(dphi + off_f, mask=mf, other=0.0).to(tl.float32)
+        if not PRODUCT:
+            dl *= tl.load(phi + off_f, mask=mf, other=0.0).to(tl.float32)
         b_w = tl.load(w + cm[:, None] * D + cd[None, :], mask=(cm < M)[:, None] & md[None, :], other=0.0)
         rs += tl.sum(dl, axis=1)
         acc += tl.dot(dl.to(b_w.dtype), b_w, input_precision=PREC)
@@ -418,26 +437,67 @@ def _favor_meta(x, w):
     return n, d, m, dict(BN=FAVOR_ROWS, BD=_p2(d), BM=min(FAVOR_FEATURES, _p2(m)), PREC=_prec(x.dtype))
 
 
+def _favor_phi(x, w, offset):
+    """(bh, n, d) -> (bh, n, m) features: offset None -> each row minus its own max; else minus offset (bh,)."""
+    n, d, m, meta = _favor_meta(x, w)
+    phi = torch.empty(x.shape[0], n, m, device=x.device, dtype=x.dtype)
+    _launch(_favor_fwd, "favor_fwd", (triton.cdiv(n, meta["BN"]), x.shape[0]), x, w,
+            offset if offset is not None else phi, phi, phi, n, d, m, d ** -0.25, m ** -0.5,
+            MODE=0 if offset is None else 2, FLOOR=LOG_FLOOR, ONE_TILE=m <= meta["BM"], **meta)
+    return phi
+
+
+def _favor_dx(x, w, phi, dphi, product: bool = False):
+    """The input gradient of _favor_phi; product: dphi holds dphi * phi already (phi may be None)."""
+    n, d, m, meta = _favor_meta(x, w)
+    dx = torch.empty_like(x)
+    _launch(_favor_bwd, "favor_bwd", (triton.cdiv(n, meta["BN"]), x.shape[0]), x, w, dphi if product else phi,
+            dphi.contiguous(), dx, n, d, m, d ** -0.25, PRODUCT=product, **meta)
+    return dx
+
+
 class _FavorFeatures(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, offset):
-        n, d, m, meta = _favor_meta(x, w)
-        bh = x.shape[0]
-        phi = torch.empty(bh, n, m, device=x.device, dtype=x.dtype)
-        _launch(_favor_fwd, "favor_fwd", (triton.cdiv(n, meta["BN"]), bh), x, w, offset if offset is not None else phi,
-                phi, phi, n, d, m, d ** -0.25, m ** -0.5, MODE=0 if offset is None else 2, FLOOR=LOG_FLOOR,
-                ONE_TILE=m <= meta["BM"], **meta)
+        phi = _favor_phi(x, w, offset)
         ctx.save_for_backward(x, w, phi)
         return phi
 
     @staticmethod
     def backward(ctx, dphi):
         x, w, phi = ctx.saved_tensors
-        n, d, m, meta = _favor_meta(x, w)
-        dx = torch.empty_like(x)
-        _launch(_favor_bwd, "favor_bwd", (triton.cdiv(n, meta["BN"]), x.shape[0]), x, w, phi, dphi.contiguous(), dx,
-                n, d, m, d ** -0.25, **meta)
-        return dx, None, None
+        return _favor_dx(x, w, phi, dphi), None, None
+
+
+class _CausalFavorAttention(torch.autograd.Function):
+    """FAVOR+ features and causal linear attention as one autograd node, for the training path (no running
+    state, no padded keys): the chunk kernel hands back dphi * phi for queries and keys, all that the features'
+    backward reads, so neither the features' gradients nor a second read of the features reach memory."""
+
+    @staticmethod
+    def forward(ctx, xq, xk, v, w, chunk, segment):
+        phi_k = _favor_phi(xk, w, favor_key_row_max(xk, w).amax(-1))
+        o, _, _, saved = _attention_forward(_favor_phi(xq, w, None), phi_k, v, None, None, chunk, segment)
+        ctx.save_for_backward(xq, xk, w, *saved)
+        ctx.chunk, ctx.segment = chunk, segment
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        xq, xk, w, *saved = ctx.saved_tensors
+        dlq, dlk, dv, _, _ = _attention_backward(saved, do, None, None, ctx.chunk, ctx.segment, False, epi=1)
+        return _favor_dx(xq, w, None, dlq, True), _favor_dx(xk, w, None, dlk, True), dv, None, None, None
+
+
+def causal_favor_attention(q, k, v, projection, chunk: int | None = None, segment: int | None = None):
+    """Causal FAVOR+ attention of q, k, v (b, h, n, d) with `projection` (m, d): favor_features then
+    causal_linear_attention (the keys' offset their max), fused into one autograd node. Computes in q's dtype
+    (fp16 -> bf16); returns (b, h, n, dv) in v's dtype."""
+    b, hh, n, d = q.shape
+    dt = torch.bfloat16 if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    xq, xk, vv = (t.to(dt).reshape(b * hh, n, t.shape[-1]).contiguous() for t in (q, k, v))
+    o = _CausalFavorAttention.apply(xq, xk, vv, projection.to(dt).contiguous(), chunk or CHUNK, segment or SEGMENT)
+    return o.reshape(b, hh, n, -1).to(v.dtype)
 
 
 def favor_key_row_max(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -147,6 +147,24 @@ def test_fused_favor_features_equal_torch_features_fp32(masked, tiles, monkeypat
             close(a, b_, 1e-4)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_node_causal_favor_attention_equals_the_torch_path_fp32(masked):
+    """The training path's fused node (features and attention, dphi * phi handed from the chunk kernel to the
+    features' backward) against torch features and scan; with padded keys it takes the two-node path."""
+    b, h, n, d, m = 1, 2, 150, 16, 80  # three chunks of 64, the last partial; two feature tiles
+    q, k, v = rand(b, h, n, d, seed=1), rand(b, h, n, d, seed=2), rand(b, h, n, d, seed=3)
+    proj = la.random_projection(m, d, seed=0).to(DEV)
+    mask = None
+    if masked:
+        mask = torch.ones(b, n, dtype=torch.bool, device=DEV)
+        mask[0, 100:] = False
+    outs = [la.causal_favor_attention(q, k, v, proj, mask, impl=i) for i in ("triton", "chunked")]
+    close(outs[0], outs[1], 1e-5)
+    w = torch.randn(outs[0].shape, generator=torch.Generator().manual_seed(5)).to(outs[0])
+    for a, b_ in zip(*(torch.autograd.grad((o * w).sum(), [q, k, v]) for o in outs)):
+        close(a, b_, 1e-4)
+
+
 def test_fused_elu_features_equal_torch_features_fp32():
     x = (rand(3, 700, seed=1) * 20).detach().requires_grad_()  # reaches past the e^-30 floor, over two blocks
     got, want = la.elu_features(x, impl="triton"), la.elu_features(x, impl="chunked")
@@ -192,7 +210,10 @@ def test_bf16_kernels_on_gpu_match_the_fp32_torch_scan(n):
         out, _ = la.linear_attention(phi_q, phi_k, v, causal=True, impl=impl)
         w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).cuda()
         res[impl] = (out.float(), *torch.autograd.grad((out.float() * w).sum(), [q, k, v]))
-    for what, a, b_ in zip(("out", "dq", "dk", "dv"), res["triton"], res["chunked"]):
+    out = la.causal_favor_attention(q, k, v, proj, impl="triton")  # the training path's one fused node
+    res["fused"] = (out.float(), *torch.autograd.grad((out.float() * w).sum(), [q, k, v]))
+    for what, a, b_ in [(f"{what} {impl}", a, b_) for impl in ("triton", "fused")
+                        for what, a, b_ in zip(("out", "dq", "dk", "dv"), res[impl], res["chunked"])]:
         err = ((a.float() - b_.float()).abs().max() / b_.float().abs().max()).item()
         rel = ((a.float() - b_.float()).norm() / b_.float().norm()).item()
         print(f"n={n} {what}: max error {err:.2e} of the largest entry, relative norm error {rel:.2e}")

@@ -63,10 +63,7 @@ class _LinearCore(AttentionCore):
         if self.backend == "reference" and cache is None:
             return self.reference(q, k, v, key_padding_mask)
         if cache is None:
-            phi_q, phi_k, _ = self.features(q, k, key_padding_mask)
-            out, _ = la.linear_attention(phi_q, phi_k, v, causal=self.causal, chunk_size=self.chunk_size,
-                                         impl=self.impl)
-            return out
+            return self.attend(q, k, v, key_padding_mask)
         if not self.causal:
             raise ValueError(f"attention.core={self.name!r}: incremental decoding needs a causal model")
         old = cache.get("offset")
@@ -80,6 +77,12 @@ class _LinearCore(AttentionCore):
                                                   state=state, impl=self.impl)
         cache["offset"] = offset
         return out
+
+    def attend(self, q, k, v, key_padding_mask):
+        """The whole sequence at once (training, prefill without a cache): features, then linear attention."""
+        phi_q, phi_k, _ = self.features(q, k, key_padding_mask)
+        return la.linear_attention(phi_q, phi_k, v, causal=self.causal, chunk_size=self.chunk_size,
+                                   impl=self.impl)[0]
 
     def reference(self, q, k, v, key_padding_mask=None, context=None):
         k, v = _expand_kv(q, k, v)
@@ -149,6 +152,11 @@ class PerformerCore(_LinearCore):
                 self.redraw()
             self.calls += 1
         return super().forward(q, k, v, key_padding_mask, cache, context)
+
+    def attend(self, q, k, v, key_padding_mask):
+        if self.kernel == "softmax" and self.causal:  # one fused node on triton
+            return la.causal_favor_attention(q, k, v, self.projection, key_padding_mask, self.chunk_size, self.impl)
+        return super().attend(q, k, v, key_padding_mask)
 
     def reference(self, q, k, v, key_padding_mask=None, context=None):
         if self.projection is None:
