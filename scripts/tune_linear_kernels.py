@@ -4,17 +4,21 @@ performer / linear rows of scripts/bench_cores.py measured with the chosen setti
 
     python scripts/tune_linear_kernels.py out=docs/results/bench_linear_h200      # CUDA only, ~2 minutes
     python scripts/tune_linear_kernels.py compare=true                            # the variants below instead
+    python scripts/tune_linear_kernels.py other=<file>   # and an older kernels file's performer / linear
 
 It prints the chosen `LAUNCH` table; kernels/linear_attention_triton.py's LAUNCH holds the last choice. A step
 is timed over windows of 5 back-to-back steps (scripts/bench.median_step_ms); a setting replaces the current
 one only when it is more than 1% faster. `compare=true` skips the launch sweep and times the causal Performer
-at the module's settings and at each of VARIANTS (other chunk and segment sizes, other FAVOR+ tiles), in
+at the module's settings and at each of VARIANTS (other chunk and segment sizes, other FAVOR+ tiles, the
+features and the attention as two autograd nodes instead of the training path's one), in
 `rounds` interleaved passes so that drift hits all alike, then runs the benchmark rows at the module's settings.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,35 +65,74 @@ VARIANTS = {"chunk 32": {"CHUNK": 32}, "chunk 128": {"CHUNK": 128}, "segment 8":
             "favor features 32": {"FAVOR_FEATURES": 32}, "favor features 128": {"FAVOR_FEATURES": 128},
             # one tile of all 256 features: each logit computed once
             "favor features 256": {"FAVOR_FEATURES": 256},
-            "favor rows 32, features 256": {"FAVOR_ROWS": 32, "FAVOR_FEATURES": 256}}
+            "favor rows 32, features 256": {"FAVOR_ROWS": 32, "FAVOR_FEATURES": 256},
+            # the features and the attention as two autograd nodes (the path with padded keys or a running state)
+            "two autograd nodes": {}}
+TWO_NODES = "two autograd nodes"
 
 
-def compare(n: int = 16384, rounds: int = 3) -> dict:
-    """Median step ms of the module's settings ("current") and of each variant, over interleaved rounds."""
+@contextmanager
+def path(two: bool, module=None):
+    """The causal Performer's training step as features, then attention (two nodes) instead of the fused one;
+    with `module`, through that copy of kernels/linear_attention_triton.py (an older version, say)."""
+    import kernels.linear_attention as la
+    from zoo.blocks.linear_cores import PerformerCore, _LinearCore
+    fused, triton_module = PerformerCore.attend, la._triton
+    if two:
+        PerformerCore.attend = _LinearCore.attend
+    if module is not None:
+        la._triton = lambda: module
+    try:
+        yield
+    finally:
+        PerformerCore.attend, la._triton = fused, triton_module
+
+
+def load_kernels(file: str):
+    """Another copy of the kernels module, e.g. `git show <commit>:kernels/linear_attention_triton.py > f`."""
+    spec = importlib.util.spec_from_file_location("linear_attention_triton_other", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compare(n: int = 16384, rounds: int = 3, other: str | None = None) -> dict:
+    """Median step ms of the module's settings ("current") and of each variant, over interleaved rounds; with
+    `other`, also the causal Performer and linear attention through that file's kernels (two nodes: an older
+    file has no fused path), and linear attention through the current ones."""
     import kernels.linear_attention_triton as lat
     keys = sorted({key for change in VARIANTS.values() for key in change})
     base = {key: getattr(lat, key) for key in keys}
-    times: dict[str, list] = {name: [] for name in ["current", *VARIANTS]}
+    runs = [(name, "performer", change, name == TWO_NODES, None) for name, change in [("current", {}),
+                                                                                     *VARIANTS.items()]]
+    if other:
+        module = load_kernels(other)
+        runs += [(f"{core} ({other})", core, {}, True, module) for core in ("performer", "linear")]
+        runs += [("linear (current)", "linear", {}, False, None)]
+    times: dict[str, list] = {run[0]: [] for run in runs}
     for _ in range(rounds):
-        for name, change in [("current", {}), *VARIANTS.items()]:
+        for name, core, change, two, module in runs:
             for key, value in {**base, **change}.items():
                 setattr(lat, key, value)
             try:
-                times[name].append(step_ms("performer", n))
+                with path(two, module):
+                    times[name].append(step_ms(core, n))
             except Exception as e:  # noqa: BLE001 — a tile too large for shared memory or registers is reported
                 times[name].append(float("nan"))
                 print(name, type(e).__name__, str(e)[:200], flush=True)
     for key, value in base.items():
         setattr(lat, key, value)
     result = {name: round(sorted(t)[len(t) // 2], 3) for name, t in times.items()}
-    print("performer fwd+bwd ms at", n, "tokens:", json.dumps(result), flush=True)
+    print("fwd+bwd ms at", n, "tokens:", json.dumps(result), flush=True)
     return result
 
 
 if __name__ == "__main__":
-    o = parse(sys.argv[1:], {"out": "outputs/bench/linear_tuned", "compare": False})
+    o = parse(sys.argv[1:], {"out": "outputs/bench/linear_tuned", "compare": False, "other": ""})
+    if o["other"] and not Path(o["other"]).is_file():
+        raise SystemExit(f"other={o['other']!r}: not a file (a copy of kernels/linear_attention_triton.py)")
     if not torch.cuda.is_available():
         raise SystemExit("scripts/tune_linear_kernels.py tunes CUDA kernels: no CUDA device here")
-    compare() if o["compare"] else tune()
+    compare(other=o["other"] or None) if o["compare"] or o["other"] else tune()
     bench(["device=cuda", "dtype=bf16", "heads=16", "head_dim=128", "seq_lens=16384,4096", "cores=performer,linear",
            "repeats=10", "warmup=3", f"out={o['out']}"])

@@ -220,3 +220,19 @@ def test_bf16_kernels_on_gpu_match_the_fp32_torch_scan(n):
         # measured on an H200: max errors 0.4-2.2e-2, norm errors 0.3-0.9e-2 (dk the largest: bf16 features, bf16
         # chunk states, and the segment prefix rounded once more); a missing term or a wrong sign gives O(1)
         assert err < 5e-2 and rel < 2e-2, (what, err, rel)
+
+
+def test_the_tuning_scripts_other_paths_give_the_same_result_and_are_restored():
+    """scripts/tune_linear_kernels.py times the two-node path and an older kernels file through `path`: both
+    must compute what the fused path does, and leave the fused path in place afterwards."""
+    from scripts.tune_linear_kernels import load_kernels, path
+    from zoo.blocks.linear_cores import PerformerCore
+    core = build_core("performer", causal=True, backend="triton", nb_features=32, seed=1).to(DEV).eval()
+    q, k, v = rand(1, 2, 70, 16, seed=1), rand(1, 2, 70, 16, seed=2), rand(1, 2, 70, 16, seed=3)
+    fused, attend = core(q, k, v), PerformerCore.attend
+    with path(True):
+        close(core(q, k, v), fused, 1e-5)
+    with path(True, load_kernels(lat.__file__)):
+        assert la._triton() is not lat and PerformerCore.attend is not attend
+        close(core(q, k, v), fused, 1e-5)
+    assert PerformerCore.attend is attend and la._triton() is lat
