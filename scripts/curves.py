@@ -8,7 +8,8 @@ directory (a sweep).
 Reads each run's CSV log (logger=csv: csv/*/metrics.csv) and its .hydra/config.yaml (batch size and sequence
 length, for tokens = steps x batch x seq_len x devices). A resumed run (ckpt_path=auto) writes a new
 csv/version_N: the versions are joined in order, each later one replacing the earlier ones' points from its
-first step on, and its wall time continued from where it resumed. Wall time is train/elapsed_s, logged by every
+first training or validation step on (a version with only test metrics replaces none), and its wall time
+continued from where it resumed. Wall time is train/elapsed_s, logged by every
 task (seconds of training since the first step, validation included). Runs are labelled by model.name, or,
 where a sweep's runs share it, by the overrides in their directory names that differ between them. Writes
 <out>.md (one row per evaluation), <out>.csv and <out>.png (two panels: metric vs tokens, metric vs wall time);
@@ -59,8 +60,11 @@ def read_run(run: Path, metric: str = "val/loss", label: str | None = None) -> l
         rows = sorted(csv.DictReader(log.open()), key=lambda r: int(r["step"]))
         if not rows:
             continue
-        first = int(rows[0]["step"]) + 1
-        out = [p for p in out if p["step"] < first]  # what this version re-ran replaces the earlier log's
+        # what this version re-ran replaces the earlier log's; a version that only scored the test split (resumed
+        # at the last step) re-ran nothing
+        ran = [r for r in rows if any(v for k, v in r.items() if k.startswith(("train/", "val/")))]
+        if ran:
+            out = [p for p in out if p["step"] < int(ran[0]["step"]) + 1]
         offset = next((p["elapsed_s"] for p in reversed(out) if p["elapsed_s"] is not None), 0.0)
         last = None
         for r in rows:

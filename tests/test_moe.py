@@ -306,6 +306,9 @@ def test_curves_joins_resumed_logs_and_labels_a_sweep_by_its_overrides(tmp_path)
         for version, text in (("0", "9,5.0,\n9,,0.1\n19,9.0,\n19,,0.3\n"), ("1", f"10,1.0,\n19,4.0,\n19,,{acc}\n")):
             (run / "csv" / f"version_{version}").mkdir(parents=True)
             (run / "csv" / f"version_{version}" / "metrics.csv").write_text("step,train/elapsed_s,val/acc\n" + text)
+        # resumed once more at the last step only to score the test split: it replaces none of the points
+        (run / "csv" / "version_2").mkdir(parents=True)
+        (run / "csv" / "version_2" / "metrics.csv").write_text("step,test/acc\n19,0.5\n")
     out = curves.main([str(tmp_path), f"out={tmp_path / 'c'}", "metric=val/acc"])
     rows = list(csv.DictReader(out.with_suffix(".csv").open()))
     assert [(r["run"], r["step"], r["tokens"], r["elapsed_s"], r["val/acc"]) for r in rows] == [
