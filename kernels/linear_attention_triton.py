@@ -24,6 +24,12 @@ dx = s (dl W) - s^2 rowsum(dl) x with dl = dphi * phi. The offsets (a query's ow
 are constants to the gradient: the attention output does not depend on them (they cancel in num / den).
 The floor at e^-30 is not differentiated (the reference's clamp gives those features zero gradient; here they
 get phi * dphi, ~e^-30 of the largest, which changes nothing measurable).
+
+The causal Performer's training step (no running state, no padded keys) is one autograd node,
+_CausalFavorAttention: the backward chunk kernel multiplies its dq, dk tiles by the q, k feature tiles it has
+loaded anyway (EPI=1), and the features' backward reads that product dl directly (PRODUCT), instead of reading
+the feature gradient and the features (2026-11-30 on the H200: 2.44 against 2.58 ms at 16K; the feature
+backward 0.20 against 0.37 ms).
 """
 from __future__ import annotations
 
