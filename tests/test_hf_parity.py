@@ -262,6 +262,15 @@ def test_export_without_hf_counterpart_names_the_field(tmp_path, override, field
     assert not (tmp_path / "out").exists()
 
 
+def test_export_of_a_mean_pooled_classifier_names_the_field(tmp_path):
+    """HF's sequence classifiers pool the first token: a model.pool=mean head has no counterpart."""
+    model = zoo.build_model("bert", vocab_size=64, max_seq_len=16, d_model=32, n_layers=1, n_heads=4, num_labels=2,
+                            pool="mean")
+    with pytest.raises(ValueError, match="model.pool='mean' \\(needs 'cls'\\)"):
+        zoo.save_pretrained(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_script(tmp_path, capsys):
     model = zoo_model("gpt")
     lightning_like_checkpoint(tmp_path / "last.ckpt", model)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import data.lra as lra
 from data.lra import LRADataModule, evaluate_listops, generate_listops, generate_pathfinder, pathfinder_example
@@ -232,6 +233,8 @@ def test_experiment_smoke(tmp_path, experiment, extra):
     cfg = make_cfg(tmp_path, f"experiment={experiment}", f"paths.cache_dir={tmp_path / 'cache'}", *TINY, *extra)
     assert cfg.task._target_ == "zoo.tasks.SequenceClassification" and cfg.logger.csv
     assert cfg.task.num_labels == (10 if experiment == "lra_listops" else 2)
+    # LRA's heads: <cls> on ListOps, the mean over the pixels on Pathfinder
+    assert OmegaConf.select(cfg, "model.pool", default="cls") == ("cls" if experiment == "lra_listops" else "mean")
     metrics = train.train(cfg)
     assert metrics["global_step"] == 6
     assert 0.0 <= metrics["val/acc"] <= 1.0

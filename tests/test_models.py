@@ -14,6 +14,26 @@ def test_named_models_build():
     assert bert.classify(x).shape == (2, 3)
 
 
+def test_mean_pooling_reads_every_unpadded_token_and_no_padding():
+    """model.pool=mean (LRA's image tasks): the head sees the mean of the unpadded tokens' hidden states."""
+    torch.manual_seed(0)
+    bert = zoo.build_model("bert", num_labels=3, pool="mean", d_model=32, n_layers=1, n_heads=4).eval()
+    x = torch.randint(4, 320, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    hidden = bert.hidden_states(x, mask)
+    head = bert.cls_head
+    want = [head.classifier(torch.tanh(head.pool(hidden[i, : int(mask[i].sum())].mean(0)))) for i in range(2)]
+    torch.testing.assert_close(bert.classify(x, mask), torch.stack(want))
+    # the padded positions' tokens change nothing
+    y = x.clone()
+    y[1, 5:] = 7
+    torch.testing.assert_close(bert.classify(y, mask)[1], bert.classify(x, mask)[1])
+    cls = zoo.build_model("bert", num_labels=3, d_model=32, n_layers=1, n_heads=4).eval()
+    cls.load_state_dict(bert.state_dict())
+    assert not torch.allclose(cls.classify(x, mask), bert.classify(x, mask))  # the first token alone differs
+
+
 def test_gpt_124m_has_gpt2_small_shape():
     m = zoo.build_model("gpt_124m")
     c = m.cfg
@@ -30,6 +50,7 @@ def test_gpt_124m_has_gpt2_small_shape():
     ({"attention": {"core": "nope"}}, "attention.core='nope' is unknown; valid choices"),
     ({"attention": {"core": "full"}}, "cores that would work: causal"),
     ({"n_layer": 2}, "unknown model config field"),
+    ({"pool": "max"}, "model.pool='max'; valid choices: cls, mean"),
     ({"dropout": 1.5}, "model.dropout must be in"),
     ({"share_layers": True, "ffn": "moe"}, "share_layers=true does not combine with model.ffn='moe'"),
     ({"share_layers": True, "recurrence": "xl"}, "share_layers=true does not combine with model.recurrence='xl'"),

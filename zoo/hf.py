@@ -259,6 +259,8 @@ def _check_exportable(cfg: ModelConfig, kind: str) -> None:
             "embed_norm": not gpt, "final_norm": gpt, "attention.core": core}
     if gpt:
         need["type_vocab_size"] = 0
+    if cfg.num_labels:  # HF's sequence classifiers pool the first token
+        need["pool"] = "cls"
     have = {f: cfg.attention["core"] if f == "attention.core" else getattr(cfg, f) for f in need}
     bad = [f"model.{f}={have[f]!r} (needs {v!r})" for f, v in need.items() if have[f] != v]
     if cfg.n_heads * cfg.head_dim != cfg.d_model:

@@ -13,6 +13,7 @@ from zoo.blocks.positions import POSITIONS
 
 ARCHS = ("decoder", "encoder")
 RECURRENCES = ("none", "xl")  # xl: Transformer-XL segment recurrence (zoo.models.transformer_xl)
+POOLS = ("cls", "mean")  # the classification head's input: the first token, or the mean over unpadded tokens
 
 
 @dataclass
@@ -51,6 +52,7 @@ class ModelConfig:
     attn_dropout: float = 0.0
     attention: dict = field(default_factory=lambda: {"core": "causal", "backend": "auto"})
     num_labels: int = 0  # > 0 adds a sequence-classification head
+    pool: str = "cls"  # what the classification head reads: the first token (BERT), or the mean over tokens (LRA)
     init_std: float = 0.02
     activation_checkpointing: bool = False
     # one Block's weights applied n_layers times (ALBERT's cross-layer sharing; LRA's ListOps Transformer
@@ -102,6 +104,7 @@ class ModelConfig:
         choice("activation", ACTIVATIONS)
         choice("norm", NORMS)
         choice("norm_position", ("pre", "post"))
+        choice("pool", POOLS)
         choice("position", POSITIONS)
         for fld in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads"):
             if getattr(self, fld) <= 0:

@@ -99,16 +99,25 @@ class MLMHead(nn.Module):
 
 
 class ClassificationHead(nn.Module):
-    """BERT's pooler (dense + tanh on the first token) and a linear classifier."""
+    """BERT's pooler (dense + tanh) and a linear classifier, on the first token (model.pool=cls) or on the mean
+    over the unpadded tokens (mean: LRA's image tasks, `classifier_pool = 'MEAN'`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.mean = cfg.pool == "mean"
         self.pool = nn.Linear(cfg.hidden_width, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(cfg.d_model, cfg.num_labels)
 
-    def forward(self, hidden):
-        return self.classifier(self.drop(torch.tanh(self.pool(hidden[:, 0]))))
+    def forward(self, hidden, attention_mask=None):
+        if not self.mean:
+            pooled = hidden[:, 0]
+        elif attention_mask is None:
+            pooled = hidden.mean(1)
+        else:
+            keep = attention_mask[..., None].to(hidden.dtype)
+            pooled = (hidden * keep).sum(1) / keep.sum(1).clamp_min(1)
+        return self.classifier(self.drop(torch.tanh(self.pool(pooled))))
 
 
 class ZooModel(nn.Module):
@@ -171,7 +180,7 @@ class ZooModel(nn.Module):
             global_attention_mask = torch.zeros_like(input_ids, dtype=torch.bool)
             global_attention_mask[:, 0] = True
         return self.cls_head(self.hidden_states(input_ids, attention_mask, token_type_ids,
-                                                global_attention_mask=global_attention_mask))
+                                                global_attention_mask=global_attention_mask), attention_mask)
 
     def new_cache(self) -> list[dict]:
         """An empty KV cache, one dict per layer, for incremental decoding."""
