@@ -294,9 +294,15 @@ def generate_pathfinder(n: int, *, seed: int = 0, workers: int = 1, **params):
     """n images flattened to (n, res*res) uint8, and labels (n,) int64 (exactly balanced up to one). Drawn in
     shards of PATHFINDER_SHARD images, each from its own seed, by `workers` processes (the result is the same
     for any number of them), then shuffled with `seed`."""
+    return generate_pathfinder_splits([(n, seed)], workers=workers, **params)[0]
+
+
+def generate_pathfinder_splits(splits, *, workers: int = 1, **params) -> list:
+    """generate_pathfinder(n, seed=seed) for each (n, seed) of `splits`, with every split's shards in one pool of
+    workers: a small split does not leave most of them idle while it finishes (the same images)."""
     params = {**PATHFINDER_DEFAULTS, **params}
     shards = [(seed, i, start, min(PATHFINDER_SHARD, n - start), params)
-              for i, start in enumerate(range(0, n, PATHFINDER_SHARD))]
+              for n, seed in splits for i, start in enumerate(range(0, n, PATHFINDER_SHARD))]
     if workers > 1 and len(shards) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -305,10 +311,15 @@ def generate_pathfinder(n: int, *, seed: int = 0, workers: int = 1, **params):
             parts = list(ex.map(_pathfinder_shard, *zip(*shards)))
     else:
         parts = [_pathfinder_shard(*a) for a in shards]
-    images = np.concatenate(parts) if parts else np.zeros((0, params["resolution"] ** 2), np.uint8)
-    labels = (np.arange(n) % 2 == 0).astype(np.int64)
-    order = np.random.default_rng(seed).permutation(n)
-    return images[order], labels[order]
+    out = []
+    for n, seed in splits:
+        count = -(-n // PATHFINDER_SHARD)
+        mine, parts = parts[:count], parts[count:]
+        images = np.concatenate(mine) if mine else np.zeros((0, params["resolution"] ** 2), np.uint8)
+        labels = (np.arange(n) % 2 == 0).astype(np.int64)
+        order = np.random.default_rng(seed).permutation(n)
+        out.append((images[order], labels[order]))
+    return out
 
 
 # -- data module -----------------------------------------------------------------------------------------------
@@ -414,10 +425,8 @@ class LRADataModule(ResumableDataModule):
                 exprs, labels = generate_listops(self.sizes[split], seed=self.seed * 10 + s, seen=seen, **self.listops)
                 out[split] = ([[LISTOPS_IDS[t] - 2 for t in e] for e in exprs], labels)
         else:
-            for s, split in enumerate(SPLITS):
-                images, labels = generate_pathfinder(self.sizes[split], seed=self.seed * 10 + s, workers=self.num_proc,
-                                                     **self.pathfinder)
-                out[split] = (images, labels)
+            splits = [(self.sizes[split], self.seed * 10 + s) for s, split in enumerate(SPLITS)]
+            out = dict(zip(SPLITS, generate_pathfinder_splits(splits, workers=self.num_proc, **self.pathfinder)))
         return out
 
     def prepare_data(self):

@@ -111,6 +111,16 @@ def test_pathfinder_images_do_not_depend_on_the_worker_count(monkeypatch):
     assert labels.sum() == 15 and len({img.tobytes() for img in one}) == 30
 
 
+def test_pathfinder_splits_in_one_pool_are_the_splits_drawn_alone(monkeypatch):
+    """The data module draws every split's shards in one pool: the same images as one split at a time."""
+    monkeypatch.setattr(lra, "PATHFINDER_SHARD", 7)
+    splits = [(30, 3), (9, 4), (5, 5)]
+    pooled = lra.generate_pathfinder_splits(splits, workers=3)
+    for (n, seed), (images, labels) in zip(splits, pooled):
+        alone = generate_pathfinder(n, seed=seed)
+        assert np.array_equal(images, alone[0]) and np.array_equal(labels, alone[1])
+
+
 def test_pathfinder_connectivity_is_exact_with_solid_contours():
     # gap=0: solid contours, broken only by the cut; objects never touch, so the label is exactly flood-fill
     # reachability (a cut through the marked contour separates its ends; one through the other does not join them)
@@ -197,7 +207,8 @@ def test_pathfinder_module_and_cache(tmp_path, monkeypatch):
     assert batch["input_ids"][:, 1:].min() >= 2 and batch["input_ids"][:, 1:].max() <= 257
     assert dm.train_set.labels.sum() == 32
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(lra, "generate_pathfinder", lambda *a, **k: (_ for _ in ()).throw(AssertionError("regen")))
+    monkeypatch.setattr(lra, "generate_pathfinder_splits",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("regen")))
     dm2 = LRADataModule(task="pathfinder", seq_len=1025, cache_dir=str(tmp_path), **SMALL)
     dm2.setup()
     assert np.array_equal(dm2.train_set.seqs, dm.train_set.seqs)
