@@ -98,8 +98,8 @@ def load_kernels(file: str):
 
 def compare(n: int = 16384, rounds: int = 3, other: str | None = None) -> dict:
     """Median step ms of the module's settings ("current") and of each variant, over interleaved rounds; with
-    `other`, also the causal Performer and linear attention through that file's kernels (two nodes: an older
-    file has no fused path), and linear attention through the current ones."""
+    `other`, also the causal Performer and linear attention through that file's kernels (the Performer as one
+    node if the file has the fused path, else two), and linear attention through the current ones."""
     import kernels.linear_attention_triton as lat
     keys = sorted({key for change in VARIANTS.values() for key in change})
     base = {key: getattr(lat, key) for key in keys}
@@ -107,7 +107,8 @@ def compare(n: int = 16384, rounds: int = 3, other: str | None = None) -> dict:
                                                                                      *VARIANTS.items()]]
     if other:
         module = load_kernels(other)
-        runs += [(f"{core} ({other})", core, {}, True, module) for core in ("performer", "linear")]
+        two = not hasattr(module, "causal_favor_attention")  # an older file: features, then attention
+        runs += [(f"{core} ({other})", core, {}, two, module) for core in ("performer", "linear")]
         runs += [("linear (current)", "linear", {}, False, None)]
     times: dict[str, list] = {run[0]: [] for run in runs}
     for _ in range(rounds):
