@@ -4,7 +4,7 @@ performer / linear rows of scripts/bench_cores.py measured with the chosen setti
 
     python scripts/tune_linear_kernels.py out=docs/results/bench_linear_h200      # CUDA only, ~2 minutes
     python scripts/tune_linear_kernels.py compare=true                            # the variants below instead
-    python scripts/tune_linear_kernels.py other=<file>   # and an older kernels file's performer / linear
+    python scripts/tune_linear_kernels.py other=<file>   # and another kernels file's performer / linear
 
 It prints the chosen `LAUNCH` table; kernels/linear_attention_triton.py's LAUNCH holds the last choice. A step
 is timed over windows of 5 back-to-back steps (scripts/bench.median_step_ms); a setting replaces the current
