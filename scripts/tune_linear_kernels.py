@@ -5,6 +5,7 @@ performer / linear rows of scripts/bench_cores.py measured with the chosen setti
     python scripts/tune_linear_kernels.py out=docs/results/bench_linear_h200      # CUDA only, ~2 minutes
     python scripts/tune_linear_kernels.py compare=true                            # the variants below instead
     python scripts/tune_linear_kernels.py other=<file>   # and another kernels file's performer / linear
+    python scripts/tune_linear_kernels.py other=<file> variants=false rounds=7   # only the two files
 
 It prints the chosen `LAUNCH` table; kernels/linear_attention_triton.py's LAUNCH holds the last choice. A step
 is timed over windows of 5 back-to-back steps (scripts/bench.median_step_ms); a setting replaces the current
@@ -96,15 +97,15 @@ def load_kernels(file: str):
     return module
 
 
-def compare(n: int = 16384, rounds: int = 3, other: str | None = None) -> dict:
+def compare(n: int = 16384, rounds: int = 3, other: str | None = None, variants: bool = True) -> dict:
     """Median step ms of the module's settings ("current") and of each variant, over interleaved rounds; with
     `other`, also the causal Performer and linear attention through that file's kernels (the Performer as one
     node if the file has the fused path, else two), and linear attention through the current ones."""
     import kernels.linear_attention_triton as lat
     keys = sorted({key for change in VARIANTS.values() for key in change})
     base = {key: getattr(lat, key) for key in keys}
-    runs = [(name, "performer", change, name == TWO_NODES, None) for name, change in [("current", {}),
-                                                                                     *VARIANTS.items()]]
+    runs = [(name, "performer", change, name == TWO_NODES, None)
+            for name, change in [("current", {}), *(VARIANTS.items() if variants else [])]]
     if other:
         module = load_kernels(other)
         two = not hasattr(module, "causal_favor_attention")  # an older file: features, then attention
@@ -128,12 +129,25 @@ def compare(n: int = 16384, rounds: int = 3, other: str | None = None) -> dict:
     return result
 
 
-if __name__ == "__main__":
-    o = parse(sys.argv[1:], {"out": "outputs/bench/linear_tuned", "compare": False, "other": ""})
+def main(argv: list[str]) -> None:
+    o = parse(argv, {"out": "outputs/bench/linear_tuned", "compare": False, "other": "", "variants": True,
+                     "rounds": 3})
+    for key in ("compare", "variants"):
+        if not isinstance(o[key], bool):
+            raise SystemExit(f"{key}={o[key]!r}; valid choices: true, false")
+    if not isinstance(o["rounds"], int) or isinstance(o["rounds"], bool) or o["rounds"] < 1:
+        raise SystemExit(f"rounds={o['rounds']!r} must be a positive integer")
     if o["other"] and not Path(o["other"]).is_file():
         raise SystemExit(f"other={o['other']!r}: not a file (a copy of kernels/linear_attention_triton.py)")
     if not torch.cuda.is_available():
         raise SystemExit("scripts/tune_linear_kernels.py tunes CUDA kernels: no CUDA device here")
-    compare(other=o["other"] or None) if o["compare"] or o["other"] else tune()
+    if o["compare"] or o["other"]:
+        compare(rounds=o["rounds"], other=o["other"] or None, variants=o["variants"])
+    else:
+        tune()
     bench(["device=cuda", "dtype=bf16", "heads=16", "head_dim=128", "seq_lens=16384,4096", "cores=performer,linear",
            "repeats=10", "warmup=3", f"out={o['out']}"])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -236,3 +236,12 @@ def test_the_tuning_scripts_other_paths_give_the_same_result_and_are_restored():
         assert la._triton() is not lat and PerformerCore.attend is not attend
         close(core(q, k, v), fused, 1e-5)
     assert PerformerCore.attend is attend and la._triton() is lat
+
+
+@pytest.mark.parametrize("argv,match", [(["variants=maybe"], "variants='maybe'; valid choices: true, false"),
+                                        (["rounds=0"], "rounds=0 must be a positive integer"),
+                                        (["other=/no/such/file.py"], "other='/no/such/file.py': not a file")])
+def test_the_tuning_script_names_a_bad_argument(argv, match):
+    from scripts.tune_linear_kernels import main
+    with pytest.raises(SystemExit, match=match):
+        main(argv)
