@@ -478,7 +478,7 @@ class _FavorFeatures(torch.autograd.Function):
 class _CausalFavorAttention(torch.autograd.Function):
     """FAVOR+ features and causal linear attention as one autograd node, for the training path (no running
     state, no padded keys): the chunk kernel hands back dphi * phi for queries and keys, all that the features'
-    backward reads, so neither the features' gradients nor a second read of the features reach memory."""
+    backward needs, so that backward reads one tensor per input instead of dphi and phi."""
 
     @staticmethod
     def forward(ctx, xq, xk, v, w, chunk, segment):
