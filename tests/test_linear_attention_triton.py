@@ -121,6 +121,17 @@ def test_keys_that_are_all_padding_give_zeros_not_nan():
         close(a, b_, 1e-5)
 
 
+def favor_case(b, h, n, d, m, pad=None):
+    """Queries, keys, values (b, h, n, d), an m-feature projection, and a key mask that pads batch row pad[0] from
+    position pad[1] on (None: no mask)."""
+    q, k, v = rand(b, h, n, d, seed=1), rand(b, h, n, d, seed=2), rand(b, h, n, d, seed=3)
+    mask = None
+    if pad is not None:
+        mask = torch.ones(b, n, dtype=torch.bool, device=DEV)
+        mask[pad[0], pad[1]:] = False
+    return q, k, v, la.random_projection(m, d, seed=0).to(DEV), mask
+
+
 @pytest.mark.parametrize("masked,tiles", [(False, None), (True, None), (False, (32, 128)), (False, (128, 32))])
 def test_fused_favor_features_equal_torch_features_fp32(masked, tiles, monkeypatch):
     """Features forward; gradients end to end through the attention (the offsets are constants to the kernel's
@@ -128,13 +139,8 @@ def test_fused_favor_features_equal_torch_features_fp32(masked, tiles, monkeypat
     if tiles:  # the other FAVOR+ tiles that scripts/tune_linear_kernels.py compare=true times
         monkeypatch.setattr(lat, "FAVOR_ROWS", tiles[0])
         monkeypatch.setattr(lat, "FAVOR_FEATURES", tiles[1])
-    b, h, n, d, m = 2, 2, 40, 16, 80  # two feature tiles, the second partial; one tile (ONE_TILE) at 128 features
-    q, k, v = rand(b, h, n, d, seed=1), rand(b, h, n, d, seed=2), rand(b, h, n, d, seed=3)
-    proj = la.random_projection(m, d, seed=0).to(DEV)
-    mask = None
-    if masked:
-        mask = torch.ones(b, n, dtype=torch.bool, device=DEV)
-        mask[1, 25:] = False
+    # two feature tiles, the second partial; one tile (ONE_TILE) at 128 features
+    q, k, v, proj, mask = favor_case(2, 2, 40, 16, 80, pad=(1, 25) if masked else None)
     ft, fr = (la.favor_features(q, k, proj, mask, impl=i) for i in ("triton", "chunked"))
     for a, b_ in zip(ft, fr):
         close(a, b_, 1e-5)
@@ -151,13 +157,8 @@ def test_fused_favor_features_equal_torch_features_fp32(masked, tiles, monkeypat
 def test_one_node_causal_favor_attention_equals_the_torch_path_fp32(masked):
     """The training path's fused node (features and attention, dphi * phi handed from the chunk kernel to the
     features' backward) against torch features and scan; with padded keys it takes the two-node path."""
-    b, h, n, d, m = 1, 2, 150, 16, 80  # three chunks of 64, the last partial; two feature tiles
-    q, k, v = rand(b, h, n, d, seed=1), rand(b, h, n, d, seed=2), rand(b, h, n, d, seed=3)
-    proj = la.random_projection(m, d, seed=0).to(DEV)
-    mask = None
-    if masked:
-        mask = torch.ones(b, n, dtype=torch.bool, device=DEV)
-        mask[0, 100:] = False
+    # three chunks of 64, the last partial; two feature tiles
+    q, k, v, proj, mask = favor_case(1, 2, 150, 16, 80, pad=(0, 100) if masked else None)
     outs = [la.causal_favor_attention(q, k, v, proj, mask, impl=i) for i in ("triton", "chunked")]
     close(outs[0], outs[1], 1e-5)
     w = torch.randn(outs[0].shape, generator=torch.Generator().manual_seed(5)).to(outs[0])
