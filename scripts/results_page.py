@@ -548,7 +548,7 @@ def sections() -> list[tuple]:
          + "; the earlier post-LN sweep, which collapsed: "
          + links("results/lra_listops_h200_postln.md")
          + "\n\nPathfinder on the H200 (2026-11-30) at a tenth of LRA's budget (20 epochs, 6,240 steps of 512 images; "
-         "`trainer.max_steps=6240`), on the generator's version 3:\n\n" + table(RESULTS / "lra_pathfinder_h200.md", "core")
+         "`trainer.max_steps=6240`, `model.pool=cls`: the head read <cls> then), on the generator's version 3:\n\n" + table(RESULTS / "lra_pathfinder_h200.md", "core")
          + "\n\nFiles: " + links(*(f"results/lra_pathfinder_h200.{ext}" for ext in ("md", "csv", "png")))
          + "; the first sweep, on version-2 images with a local cue: " + links("results/lra_pathfinder_h200_v2.md"),
          "Tay et al. 2021 (Long Range Arena), Table 1, test accuracy %, as in docs/lra.md (checked against the "
