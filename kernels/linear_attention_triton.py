@@ -245,13 +245,51 @@ def _launch(kernel, name, grid, *args, **meta):
     kernel[grid](*args, num_warps=warps, num_stages=stages, **meta)
 
 
-def _exclusive_prefix(tot, init, reverse: bool = False):
-    """(bh, G, ...) fp32 segment totals -> for each segment the sum of the earlier segments' totals (the later
-    ones' when reverse) plus `init`. Two kernels, no copies: the inclusive cumsum minus the own total, and,
-    reversed, the grand total minus the inclusive cumsum."""
-    inclusive = tot.cumsum(1)
-    pre = inclusive[:, -1:] - inclusive if reverse else inclusive - tot
-    return pre if init is None else pre + init[:, None]
+@triton.jit
+def _segment_prefix(seg_s, seg_z, init_s, init_z, pre_s, pre_z, fin_s, fin_z, G, M, DV, NV,
+                    HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """For each segment the sum of the earlier segments' totals (the later ones' when REVERSE) plus the initial
+    state, in pre_s's dtype (and fp32 for z); and the whole sum, fp32 (the final state, or the initial state's
+    gradient when REVERSE). One walk over G segments per (batch*head, m tile, dv tile): each total read once."""
+    i_bh, i_kv = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    i_k, i_v = i_kv // NV, i_kv % NV
+    ok = i_k * BK + tl.arange(0, BK)
+    ov = i_v * BV + tl.arange(0, BV)
+    mk = ok < M
+    m2 = mk[:, None] & (ov < DV)[None, :]
+    o2 = ok[:, None] * DV + ov[None, :]
+    s = tl.zeros([BK, BV], dtype=tl.float32)
+    z = tl.zeros([BK], dtype=tl.float32)
+    if HAS_INIT:
+        s += tl.load(init_s + i_bh * M * DV + o2, mask=m2, other=0.0)
+        z += tl.load(init_z + i_bh * M + ok, mask=mk, other=0.0)
+    for i in range(G):
+        g = G - 1 - i if REVERSE else i
+        base = (i_bh * G + g) * M
+        tl.store(pre_s + base * DV + o2, s.to(pre_s.dtype.element_ty), mask=m2)
+        s += tl.load(seg_s + base * DV + o2, mask=m2, other=0.0)
+        if i_v == 0:
+            tl.store(pre_z + base + ok, z, mask=mk)
+            z += tl.load(seg_z + base + ok, mask=mk, other=0.0)
+    tl.store(fin_s + i_bh * M * DV + o2, s, mask=m2)
+    if i_v == 0:
+        tl.store(fin_z + i_bh * M + ok, z, mask=mk)
+
+
+def _prefix(seg_s, seg_z, init_s, init_z, dtype, reverse: bool = False):
+    """(bh, G, m, dv) and (bh, G, m) fp32 segment totals -> (pre_s in `dtype`, pre_z fp32, sum_s, sum_z fp32):
+    each segment's exclusive prefix (suffix when reverse) plus the initial state (init_s, init_z or None), and
+    the whole sum with it."""
+    bh, ng, m, dv = seg_s.shape
+    bk, bv = min(32, _p2(m)), min(128, _p2(dv))
+    nv = triton.cdiv(dv, bv)
+    pre_s = torch.empty(bh, ng, m, dv, device=seg_s.device, dtype=dtype)
+    pre_z, sum_s, sum_z = torch.empty_like(seg_z), torch.empty_like(seg_s[:, 0]), torch.empty_like(seg_z[:, 0])
+    init = init_s is not None
+    _segment_prefix[(bh, triton.cdiv(m, bk) * nv)](
+        seg_s, seg_z, init_s.contiguous() if init else seg_s, init_z.contiguous() if init else seg_z, pre_s, pre_z,
+        sum_s, sum_z, ng, m, dv, nv, HAS_INIT=init, REVERSE=reverse, BK=bk, BV=bv)
+    return pre_s, pre_z, sum_s, sum_z
 
 
 def _attention_forward(q, k, v, s0, z0, chunk, segment):
@@ -270,9 +308,8 @@ def _attention_forward(q, k, v, s0, z0, chunk, segment):
     prec = _prec(q.dtype)
     _launch(_fwd_states, "fwd_states", (bh, nk * nv, ng), k, v, h, zs, seg_s, seg_z, n, m, dv, nc, nv,
             C=chunk, CPS=segment, BK=bk, BV=bv, PREC=prec)
-    pre_s, pre_z = _exclusive_prefix(seg_s, s0), _exclusive_prefix(seg_z, z0)
-    s_final, z_final = pre_s[:, -1] + seg_s[:, -1], pre_z[:, -1] + seg_z[:, -1]
-    pre_s = pre_s.to(q.dtype)  # rounded as the chunk states are; read by every chunk of the segment
+    # pre_s rounded as the chunk states are: it is read by every chunk of its segment
+    pre_s, pre_z, s_final, z_final = _prefix(seg_s, seg_z, s0, z0, q.dtype)
     o = torch.empty_like(v)
     den = torch.empty(bh, n, **f32)
     bvo = min(128, _p2(dv))
@@ -306,16 +343,17 @@ def _attention_backward(saved, do, ds_final, dz_final, chunk, segment, use_h0, e
     prec = _prec(q.dtype)
     _launch(_bwd_states, "bwd_states", (bh, nk * nv, ng), q, g, r, dh, dzs, seg_ds, seg_dz, n, m, dv, nc, nv,
             C=chunk, CPS=segment, BK=bk, BV=bv, PREC=prec)
-    # the later segments' part, walked backwards: an exclusive prefix over the flipped segments
-    pre_ds = _exclusive_prefix(seg_ds, None if ds_final is None else ds_final.float(), reverse=True)
-    pre_dz = _exclusive_prefix(seg_dz, None if dz_final is None else dz_final.float(), reverse=True)
+    # the later segments' part, walked backwards from the final state's own gradient; the whole walk is the
+    # initial state's gradient (it reaches every position)
+    if ds_final is not None or dz_final is not None:
+        ds_final = torch.zeros_like(seg_ds[:, 0]) if ds_final is None else ds_final.float()
+        dz_final = torch.zeros_like(seg_dz[:, 0]) if dz_final is None else dz_final.float()
+    pre_ds, pre_dz, ds0, dz0 = _prefix(seg_ds, seg_dz, ds_final, dz_final, q.dtype, reverse=True)
     dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _launch(_bwd_chunk, "bwd_chunk", (nc, bh), q, k, v, g, r, h, zs, pre_s, pre_z, dh, dzs,
-            pre_ds.to(q.dtype).contiguous(), pre_dz.contiguous(), dq, dk, dvv, n, m, dv, nc, ng,
-            C=chunk, CPS=segment, BK=bk, BDV=_p2(dv), PREC=prec, EPI=epi)
-    ds0 = dz0 = None
-    if use_h0:  # the initial state reaches every position: the gradient of the whole first segment on
-        ds0, dz0 = pre_ds[:, 0] + seg_ds[:, 0], pre_dz[:, 0] + seg_dz[:, 0]
+    _launch(_bwd_chunk, "bwd_chunk", (nc, bh), q, k, v, g, r, h, zs, pre_s, pre_z, dh, dzs, pre_ds, pre_dz,
+            dq, dk, dvv, n, m, dv, nc, ng, C=chunk, CPS=segment, BK=bk, BDV=_p2(dv), PREC=prec, EPI=epi)
+    if not use_h0:
+        ds0 = dz0 = None
     return dq, dk, dvv, ds0, dz0
 
 
