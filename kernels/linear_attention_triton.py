@@ -7,9 +7,9 @@ For chunk c with state S_c = sum_{j before c} k_j v_j^T (m x dv) and z_c = sum_{
     num = tril(Q K^T) V + Q S_c,   den = rowsum(tril(Q K^T)) + Q z_c.
 Forward: (1) the sequence is cut into segments of SEGMENT chunks; one program per (batch*head, m tile, dv
 tile, segment) walks its segment's chunks in order and writes S_c, z_c counted from the segment's start, and the
-segment's total (the only sequential part: SEGMENT steps of a C x BK x BV matmul); (2) an exclusive prefix over
-the segments' totals (torch, small); (3) one program per (chunk, batch*head, dv tile) adds its segment's prefix
-to S_c, z_c and computes its outputs. Backward, with g = dout / den and r = -(dout . out) / den:
+segment's total (the only sequential part: SEGMENT steps of a C x BK x BV matmul); (2) one short walk over the
+segments' totals writes each segment's exclusive prefix and the final state; (3) one program per (chunk,
+batch*head, dv tile) adds its segment's prefix to S_c, z_c and computes its outputs. Backward, with g = dout / den and r = -(dout . out) / den:
     dA = tril(G V^T + r 1^T),  dQ = dA K + G S_c^T + r z_c^T,  dK = dA^T Q + V dS_c^T + 1 dz_c^T,
     dV = tril(Q K^T)^T G + K dS_c,
 where dS_c = sum_{i after c} q_i g_i^T and dz_c = sum_{i after c} r_i q_i come from the same segmented walk in
@@ -29,7 +29,8 @@ The causal Performer's training step (no running state, no padded keys) is one a
 _CausalFavorAttention: the backward chunk kernel multiplies its dq, dk tiles by the q, k feature tiles it has
 loaded anyway (EPI=1), and the features' backward reads that product dl directly (PRODUCT), instead of reading
 the feature gradient and the features (2026-11-30 on the H200: 2.44 against 2.58 ms at 16K; the feature
-backward 0.20 against 0.37 ms).
+backward 0.20 against 0.37 ms). The segment prefix as one Triton walk, instead of torch's cumsum, subtract and
+cast kernels, took the step from 2.42 to 2.34 ms (same process, 7 interleaved rounds).
 """
 from __future__ import annotations
 
