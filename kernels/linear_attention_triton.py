@@ -9,7 +9,8 @@ Forward: (1) the sequence is cut into segments of SEGMENT chunks; one program pe
 tile, segment) walks its segment's chunks in order and writes S_c, z_c counted from the segment's start, and the
 segment's total (the only sequential part: SEGMENT steps of a C x BK x BV matmul); (2) one short walk over the
 segments' totals writes each segment's exclusive prefix and the final state; (3) one program per (chunk,
-batch*head, dv tile) adds its segment's prefix to S_c, z_c and computes its outputs. Backward, with g = dout / den and r = -(dout . out) / den:
+batch*head, dv tile) adds its segment's prefix to S_c, z_c and computes its outputs.
+Backward, with g = dout / den and r = -(dout . out) / den:
     dA = tril(G V^T + r 1^T),  dQ = dA K + G S_c^T + r z_c^T,  dK = dA^T Q + V dS_c^T + 1 dz_c^T,
     dV = tril(Q K^T)^T G + K dS_c,
 where dS_c = sum_{i after c} q_i g_i^T and dz_c = sum_{i after c} r_i q_i come from the same segmented walk in
