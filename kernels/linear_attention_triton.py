@@ -45,6 +45,8 @@ LOG_FLOOR = -30.0  # as kernels/linear_attention._LOG_FLOOR
 # the FAVOR+ kernels' tiles: rows of x per program, features per inner step (module-level: the compare mode of
 # scripts/tune_linear_kernels.py times other values)
 FAVOR_ROWS, FAVOR_FEATURES = 64, 64
+# features per inner step of the chunk kernels (forward outputs, backward): smaller tiles hold fewer registers
+OUT_TILE, BWD_TILE = 64, 64
 # launch settings per kernel (num_warps, num_stages), as chosen on the H200 by scripts/tune_linear_kernels.py
 # (2026-11-29; the spread between settings was within that run's noise, ~10%); module-level so it can retune
 LAUNCH = {"fwd_states": (4, 1), "fwd_out": (4, 1), "bwd_prep": (4, 1), "bwd_states": (4, 1), "bwd_chunk": (8, 1),
@@ -316,7 +318,7 @@ def _attention_forward(q, k, v, s0, z0, chunk, segment):
     den = torch.empty(bh, n, **f32)
     bvo = min(128, _p2(dv))
     _launch(_fwd_out, "fwd_out", (nc, bh, triton.cdiv(dv, bvo)), q, k, v, h, zs, pre_s, pre_z, o, den, n, m, dv,
-            nc, ng, C=chunk, CPS=segment, BK=bk, BV=bvo, PREC=prec)
+            nc, ng, C=chunk, CPS=segment, BK=min(OUT_TILE, _p2(m)), BV=bvo, PREC=prec)
     return o, s_final, z_final, (q, k, v, o, den, h, zs, pre_s, pre_z)
 
 
@@ -353,7 +355,8 @@ def _attention_backward(saved, do, ds_final, dz_final, chunk, segment, use_h0, e
     pre_ds, pre_dz, ds0, dz0 = _prefix(seg_ds, seg_dz, ds_final, dz_final, q.dtype, reverse=True)
     dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _launch(_bwd_chunk, "bwd_chunk", (nc, bh), q, k, v, g, r, h, zs, pre_s, pre_z, dh, dzs, pre_ds, pre_dz,
-            dq, dk, dvv, n, m, dv, nc, ng, C=chunk, CPS=segment, BK=bk, BDV=_p2(dv), PREC=prec, EPI=epi)
+            dq, dk, dvv, n, m, dv, nc, ng, C=chunk, CPS=segment, BK=min(BWD_TILE, _p2(m)), BDV=_p2(dv), PREC=prec,
+            EPI=epi)
     if not use_h0:
         ds0 = dz0 = None
     return dq, dk, dvv, ds0, dz0

@@ -67,6 +67,10 @@ VARIANTS = {"chunk 32": {"CHUNK": 32}, "chunk 128": {"CHUNK": 128}, "segment 8":
             # one tile of all 256 features: each logit computed once
             "favor features 256": {"FAVOR_FEATURES": 256},
             "favor rows 32, features 256": {"FAVOR_ROWS": 32, "FAVOR_FEATURES": 256},
+            # the chunk kernels' feature tiles (fewer registers per step, more steps)
+            "out tile 32": {"OUT_TILE": 32}, "out tile 128": {"OUT_TILE": 128}, "bwd tile 32": {"BWD_TILE": 32},
+            "bwd tile 32, 2 stages": {"BWD_TILE": 32, "LAUNCH": {"bwd_chunk": (8, 2)}},
+            "bwd tile 32, 4 warps": {"BWD_TILE": 32, "LAUNCH": {"bwd_chunk": (4, 1)}},
             # the features and the attention as two autograd nodes (the path with padded keys or a running state)
             "two autograd nodes": {}}
 TWO_NODES = "two autograd nodes"
@@ -114,8 +118,8 @@ def compare(n: int = 16384, rounds: int = 3, other: str | None = None, variants:
     times: dict[str, list] = {run[0]: [] for run in runs}
     for _ in range(rounds):
         for name, core, change, two, module in runs:
-            for key, value in {**base, **change}.items():
-                setattr(lat, key, value)
+            for key, value in {**base, **change}.items():  # a LAUNCH change names only the kernels it retunes
+                setattr(lat, key, {**base[key], **value} if isinstance(value, dict) else value)
             try:
                 with path(two, module):
                     times[name].append(step_ms(core, n))

@@ -153,11 +153,14 @@ def test_fused_favor_features_equal_torch_features_fp32(masked, tiles, monkeypat
             close(a, b_, 1e-4)
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_one_node_causal_favor_attention_equals_the_torch_path_fp32(masked):
+@pytest.mark.parametrize("masked,tile", [(False, None), (True, None), (False, 32)])
+def test_one_node_causal_favor_attention_equals_the_torch_path_fp32(masked, tile, monkeypatch):
     """The training path's fused node (features and attention, dphi * phi handed from the chunk kernel to the
     features' backward) against torch features and scan; with padded keys it takes the two-node path."""
-    # three chunks of 64, the last partial; two feature tiles
+    if tile:  # the chunk kernels' other feature tile that scripts/tune_linear_kernels.py compare=true times
+        monkeypatch.setattr(lat, "OUT_TILE", tile)
+        monkeypatch.setattr(lat, "BWD_TILE", tile)
+    # three chunks of 64, the last partial; two feature tiles of 64 (three of 32), the last partial
     q, k, v, proj, mask = favor_case(1, 2, 150, 16, 80, pad=(0, 100) if masked else None)
     outs = [la.causal_favor_attention(q, k, v, proj, mask, impl=i) for i in ("triton", "chunked")]
     close(outs[0], outs[1], 1e-5)
