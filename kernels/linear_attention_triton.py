@@ -40,16 +40,21 @@ import triton
 import triton.language as tl
 
 CHUNK = 64  # positions per chunk: the tensor-core tile; the result does not depend on it
-SEGMENT = 16  # chunks per sequential walk: the state scans run one program per segment, in parallel
+# chunks per sequential walk: the state scans run one program per segment, in parallel (32: fewer segments to
+# prefix, enough programs at 16K; 2026-11-30 on the H200, against 16: see LAUNCH)
+SEGMENT = 32
 LOG_FLOOR = -30.0  # as kernels/linear_attention._LOG_FLOOR
 # the FAVOR+ kernels' tiles: rows of x per program, features per inner step (module-level: the compare mode of
 # scripts/tune_linear_kernels.py times other values)
 FAVOR_ROWS, FAVOR_FEATURES = 64, 64
-# features per inner step of the chunk kernels (forward outputs, backward): smaller tiles hold fewer registers
-OUT_TILE, BWD_TILE = 64, 64
+# features per inner step of the chunk kernels (forward outputs, backward): the backward's many accumulators
+# fit 4 warps at 32 features (see LAUNCH)
+OUT_TILE, BWD_TILE = 64, 32
 # launch settings per kernel (num_warps, num_stages), as chosen on the H200 by scripts/tune_linear_kernels.py
-# (2026-11-29; the spread between settings was within that run's noise, ~10%); module-level so it can retune
-LAUNCH = {"fwd_states": (4, 1), "fwd_out": (4, 1), "bwd_prep": (4, 1), "bwd_states": (4, 1), "bwd_chunk": (8, 1),
+# (2026-11-29; the spread between settings was within that run's noise, ~10%); module-level so it can retune.
+# bwd_chunk (4, 1) with BWD_TILE 32 and SEGMENT 32: the causal Performer at 16K took 2.18 ms against 2.34 with
+# (8, 1), 64 and 16 (2026-11-30, `tune_linear_kernels.py compare=true`, 7 interleaved rounds)
+LAUNCH = {"fwd_states": (4, 1), "fwd_out": (4, 1), "bwd_prep": (4, 1), "bwd_states": (4, 1), "bwd_chunk": (4, 1),
           "favor_fwd": (8, 2), "favor_bwd": (4, 1)}
 
 

@@ -10,8 +10,9 @@ performer / linear rows of scripts/bench_cores.py measured with the chosen setti
 It prints the chosen `LAUNCH` table; kernels/linear_attention_triton.py's LAUNCH holds the last choice. A step
 is timed over windows of 5 back-to-back steps (scripts/bench.median_step_ms); a setting replaces the current
 one only when it is more than 1% faster. `compare=true` skips the launch sweep and times the causal Performer
-at the module's settings and at each of VARIANTS (other chunk and segment sizes, other FAVOR+ tiles, the
-features and the attention as two autograd nodes instead of the training path's one), in
+at the module's settings and at each of VARIANTS (other chunk and segment sizes, other FAVOR+ and chunk-kernel
+tiles, other backward-chunk launches, the settings before 2026-11-30, the features and the attention as two
+autograd nodes instead of the training path's one), in
 `rounds` interleaved passes so that drift hits all alike, then runs the benchmark rows at the module's settings.
 """
 from __future__ import annotations
@@ -61,16 +62,19 @@ def tune(n: int = 16384) -> dict:
     return lat.LAUNCH
 
 
-VARIANTS = {"chunk 32": {"CHUNK": 32}, "chunk 128": {"CHUNK": 128}, "segment 8": {"SEGMENT": 8},
-            "segment 32": {"SEGMENT": 32}, "favor rows 32": {"FAVOR_ROWS": 32}, "favor rows 128": {"FAVOR_ROWS": 128},
+VARIANTS = {"chunk 32": {"CHUNK": 32}, "chunk 128": {"CHUNK": 128}, "segment 16": {"SEGMENT": 16},
+            "segment 64": {"SEGMENT": 64}, "favor rows 32": {"FAVOR_ROWS": 32}, "favor rows 128": {"FAVOR_ROWS": 128},
             "favor features 32": {"FAVOR_FEATURES": 32}, "favor features 128": {"FAVOR_FEATURES": 128},
             # one tile of all 256 features: each logit computed once
             "favor features 256": {"FAVOR_FEATURES": 256},
             "favor rows 32, features 256": {"FAVOR_ROWS": 32, "FAVOR_FEATURES": 256},
-            # the chunk kernels' feature tiles (fewer registers per step, more steps)
-            "out tile 32": {"OUT_TILE": 32}, "out tile 128": {"OUT_TILE": 128}, "bwd tile 32": {"BWD_TILE": 32},
-            "bwd tile 32, 2 stages": {"BWD_TILE": 32, "LAUNCH": {"bwd_chunk": (8, 2)}},
-            "bwd tile 32, 4 warps": {"BWD_TILE": 32, "LAUNCH": {"bwd_chunk": (4, 1)}},
+            # the chunk kernels' feature tiles (a smaller tile holds fewer registers, in more steps)
+            "out tile 32": {"OUT_TILE": 32}, "out tile 128": {"OUT_TILE": 128},
+            "bwd tile 64, 8 warps": {"BWD_TILE": 64, "LAUNCH": {"bwd_chunk": (8, 1)}},
+            "bwd tile 32, 8 warps": {"LAUNCH": {"bwd_chunk": (8, 1)}},
+            "bwd tile 32, 2 stages": {"LAUNCH": {"bwd_chunk": (4, 2)}},
+            # the settings before 2026-11-30's compare
+            "segment 16, bwd tile 64, 8 warps": {"SEGMENT": 16, "BWD_TILE": 64, "LAUNCH": {"bwd_chunk": (8, 1)}},
             # the features and the attention as two autograd nodes (the path with padded keys or a running state)
             "two autograd nodes": {}}
 TWO_NODES = "two autograd nodes"

@@ -153,14 +153,14 @@ def test_fused_favor_features_equal_torch_features_fp32(masked, tiles, monkeypat
             close(a, b_, 1e-4)
 
 
-@pytest.mark.parametrize("masked,tile", [(False, None), (True, None), (False, 32)])
-def test_one_node_causal_favor_attention_equals_the_torch_path_fp32(masked, tile, monkeypatch):
+@pytest.mark.parametrize("masked,tiles", [(False, None), (True, None), (False, (32, 64))])
+def test_one_node_causal_favor_attention_equals_the_torch_path_fp32(masked, tiles, monkeypatch):
     """The training path's fused node (features and attention, dphi * phi handed from the chunk kernel to the
     features' backward) against torch features and scan; with padded keys it takes the two-node path."""
-    if tile:  # the chunk kernels' other feature tile that scripts/tune_linear_kernels.py compare=true times
-        monkeypatch.setattr(lat, "OUT_TILE", tile)
-        monkeypatch.setattr(lat, "BWD_TILE", tile)
-    # three chunks of 64, the last partial; two feature tiles of 64 (three of 32), the last partial
+    if tiles:  # the chunk kernels' other feature tiles that scripts/tune_linear_kernels.py compare=true times
+        monkeypatch.setattr(lat, "OUT_TILE", tiles[0])
+        monkeypatch.setattr(lat, "BWD_TILE", tiles[1])
+    # three chunks of 64, the last partial; 80 features: tiles of 64 or 32, the last partial
     q, k, v, proj, mask = favor_case(1, 2, 150, 16, 80, pad=(0, 100) if masked else None)
     outs = [la.causal_favor_attention(q, k, v, proj, mask, impl=i) for i in ("triton", "chunked")]
     close(outs[0], outs[1], 1e-5)
@@ -249,3 +249,14 @@ def test_the_tuning_script_names_a_bad_argument(argv, match):
     from scripts.tune_linear_kernels import main
     with pytest.raises(SystemExit, match=match):
         main(argv)
+
+
+def test_the_tuning_scripts_variants_name_settings_the_kernels_module_has():
+    """compare=true sets each variant's names on the kernels module: a misspelt name would time the defaults
+    under the variant's label. A LAUNCH variant names kernels that LAUNCH has, as (warps, stages)."""
+    from scripts.tune_linear_kernels import VARIANTS
+    for name, change in VARIANTS.items():
+        for key, value in change.items():
+            assert hasattr(lat, key) and key.isupper(), (name, key)
+            if key == "LAUNCH":
+                assert set(value) <= set(lat.LAUNCH) and all(len(v) == 2 for v in value.values()), name
