@@ -246,6 +246,7 @@ def test_experiment_smoke(tmp_path, experiment, extra):
     assert cfg.task.num_labels == (10 if experiment == "lra_listops" else 2)
     # LRA's heads: <cls> on ListOps, the mean over the pixels on Pathfinder
     assert (OmegaConf.select(cfg, "model.pool") or "cls") == ("cls" if experiment == "lra_listops" else "mean")  # null: cls
+    assert cfg.model.attention.redraw_interval == 0  # a Performer arm keeps its features, as LRA's
     metrics = train.train(cfg)
     assert metrics["global_step"] == 6
     assert 0.0 <= metrics["val/acc"] <= 1.0
