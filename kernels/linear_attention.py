@@ -5,7 +5,8 @@ Feature maps:
   phi(x) = exp(w . x^ - |x^|^2 / 2) / sqrt(m) with x^ = x / d^(1/4), so that E[phi(q) . phi(k)] =
   exp(q . k / sqrt(d)), the softmax kernel; w are Gaussian rows, optionally made exactly orthogonal
   in blocks of d (lower variance, the paper's claim, tested).
-- the generalized ReLU kernel of the same paper: relu(w . x^) + eps.
+- the generalized ReLU kernel of the same paper: relu(w . x^) + eps; or relu(x) + eps with no projection
+  (LRA's Performer).
 - elu(x) + 1 (Katharopoulos et al. 2020, "Transformers are RNNs").
 
 Attention given the features:
@@ -160,9 +161,13 @@ def causal_favor_attention(q, k, v, projection, key_padding_mask=None, chunk_siz
     return linear_attention(phi_q, phi_k, v, causal=True, chunk_size=chunk_size, impl=impl)[0]
 
 
-def relu_features(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
-    x = x.to(_compute_dtype(x)) * x.shape[-1] ** -0.25
-    return F.relu(_project(x, projection)) + RELU_EPS
+def relu_features(x: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
+    """relu(w . x^) + eps; projection None: relu(x) + eps on x itself, unscaled (LRA's Performer:
+    generalized attention with `features_type='deterministic'`)."""
+    x = x.to(_compute_dtype(x))
+    if projection is None:
+        return F.relu(x) + RELU_EPS
+    return F.relu(_project(x * x.shape[-1] ** -0.25, projection)) + RELU_EPS
 
 
 def elu_features(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:

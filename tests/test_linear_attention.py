@@ -2,6 +2,8 @@
 incremental decoding against the full pass, the quality of the softmax approximation, redraws."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -60,7 +62,8 @@ def test_bidirectional_equals_reference_and_padded_keys_count_for_nothing():
 
 
 @pytest.mark.parametrize("name,options", [("linear", {"chunk_size": 8}), ("performer", {"chunk_size": 8}),
-                                          ("performer", {"kernel": "relu", "chunk_size": 5})])
+                                          ("performer", {"kernel": "relu", "chunk_size": 5}),
+                                          ("performer", {"kernel": "relu", "nb_features": None, "chunk_size": 5})])
 def test_core_incremental_decoding_equals_full_pass(name, options):
     core = build_core(name, causal=True, **options).double().eval()
     q, k, v = qkv(n=29, hk=1, **F64)  # MQA: one kv head for three query heads
@@ -172,6 +175,23 @@ def test_redraw_changes_features_only_in_training():
     assert torch.equal(never.projection, first)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_relu_kernel_without_projection_is_lras_performer(causal):
+    """nb_features=None: phi(x) = relu(x) + 1e-3 on the unscaled head coordinates (LRA's generalized attention
+    with deterministic features), the same in training (nothing to redraw) and at eval."""
+    core = build_core("performer", causal=causal, kernel="relu", nb_features=None, redraw_interval=1).double()
+    q, k, v = qkv(n=21, **F64)
+    phi_q, phi_k = torch.relu(q) + 1e-3, torch.relu(k) + 1e-3
+    a = phi_q @ phi_k.transpose(-1, -2)
+    if causal:
+        a = a.tril()
+    want = (a @ v) / a.sum(-1, keepdim=True)
+    for mode in (core.train, core.eval, core.train):
+        mode()
+        torch.testing.assert_close(core(q, k, v), want, atol=1e-10, rtol=1e-10)
+    assert core.projection is None and core.draws == 0
+
+
 def test_redraw_skips_the_activation_checkpointing_recompute():
     m = zoo.build_model("gpt", n_layers=1, d_model=32, n_heads=2, max_seq_len=32, vocab_size=50,
                         attention={"core": "performer", "redraw_interval": 1, "nb_features": 8},
@@ -224,13 +244,14 @@ def test_causal_model_with_linear_core_never_looks_ahead():
 @pytest.mark.parametrize("options,message", [
     ({"kernel": "x"}, "attention.kernel='x'; valid choices: softmax, relu"),
     ({"nb_features": 0}, "attention.nb_features"),
+    ({"nb_features": None}, "attention.nb_features=null (no projection) needs attention.kernel='relu'"),
     ({"redraw_interval": -1}, "attention.redraw_interval"),
     ({"backend": "flash"}, "valid choices: auto, reference"),
     ({"chunk_size": 0}, "attention.chunk_size"),
     ({"window": 3}, "do not fit core 'performer'"),
 ])
 def test_bad_options_name_the_field(options, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         build_core("performer", causal=True, **options)
 
 

@@ -107,6 +107,10 @@ class PerformerCore(_LinearCore):
     generalized ReLU kernel. The projection is a buffer (checkpointed with the model); it is redrawn
     every `redraw_interval` training forward calls and never at eval.
 
+    kernel="relu" with nb_features=None has no projection: phi(x) = relu(x) + eps on the head's own
+    coordinates, unscaled. That is the Performer of LRA's released code (`make_fast_generalized_attention`,
+    `features_type='deterministic'`), the model behind its Table 1 figures.
+
     Draws are seeded: draw i uses seed (base_seed, i), so every rank of a data-parallel run draws the
     same features. base_seed is `seed` when given (then every layer uses the same features), else
     drawn once per layer from torch's RNG at construction (reproducible under the run's seed)."""
@@ -114,13 +118,16 @@ class PerformerCore(_LinearCore):
     name = "performer"
 
     def __init__(self, causal: bool, dropout: float = 0.0, backend: str = "auto", chunk_size: int = 64,
-                 nb_features: int = 256, kernel: str = "softmax", redraw_interval: int | None = 1000,
+                 nb_features: int | None = 256, kernel: str = "softmax", redraw_interval: int | None = 1000,
                  orthogonal: bool = True, seed: int | None = None):
         super().__init__(causal, dropout, backend, chunk_size)
         if kernel not in KERNELS:
             raise ValueError(f"attention.kernel={kernel!r}; valid choices: {', '.join(KERNELS)}")
-        if not isinstance(nb_features, int) or nb_features < 1:
-            raise ValueError(f"attention.nb_features must be a positive integer, got {nb_features!r}")
+        if nb_features is None and kernel != "relu":
+            raise ValueError(f"attention.nb_features=null (no projection) needs attention.kernel='relu', "
+                             f"got kernel={kernel!r}; valid choices with softmax: a positive integer")
+        if nb_features is not None and (not isinstance(nb_features, int) or nb_features < 1):
+            raise ValueError(f"attention.nb_features must be a positive integer or null, got {nb_features!r}")
         if redraw_interval is not None and (not isinstance(redraw_interval, int) or redraw_interval < 0):
             raise ValueError(f"attention.redraw_interval must be a non-negative integer or null, "
                              f"got {redraw_interval!r}")
@@ -135,12 +142,16 @@ class PerformerCore(_LinearCore):
         self._draw(cfg.head_dim)
 
     def _draw(self, dim: int, device=None) -> None:
+        if self.nb_features is None:  # deterministic features: nothing to draw
+            return
         seed = (self.base_seed + self.draws * 0x9E3779B97F4A7C15) % 2**63
         self.projection = la.random_projection(self.nb_features, dim, orthogonal=self.orthogonal, seed=seed,
                                                device=device)
 
     def redraw(self) -> None:
         """New random features (the next draw of this layer's seeded sequence)."""
+        if self.nb_features is None:
+            return
         self.draws += 1
         self._draw(self.projection.shape[1], self.projection.device)
 
