@@ -237,6 +237,7 @@ TINY = ["data.num_train=64", "data.num_val=16", "data.num_test=8", "trainer.max_
     ("lra_listops", []),                          # smoke's 64 positions: expressions of <= 63 tokens
     ("lra_listops", ["data.min_len=5", "data.max_len=40"]),
     ("lra_pathfinder", []),                       # rope: 1025 tokens through smoke's max_seq_len=64
+    ("lra_pathfinder", ["attention=lsh", "model.shared_qk=true"]),  # the Reformer arm, outside the sweep list
 ])
 def test_experiment_smoke(tmp_path, experiment, extra):
     import train
