@@ -127,7 +127,8 @@ class PerformerCore(_LinearCore):
             raise ValueError(f"attention.nb_features=null (no projection) needs attention.kernel='relu', "
                              f"got kernel={kernel!r}; valid choices with softmax: a positive integer")
         if nb_features is not None and (not isinstance(nb_features, int) or nb_features < 1):
-            raise ValueError(f"attention.nb_features must be a positive integer or null, got {nb_features!r}")
+            raise ValueError(f"attention.nb_features must be a positive integer (or null with kernel relu), "
+                             f"got {nb_features!r}")
         if redraw_interval is not None and (not isinstance(redraw_interval, int) or redraw_interval < 0):
             raise ValueError(f"attention.redraw_interval must be a non-negative integer or null, "
                              f"got {redraw_interval!r}")
