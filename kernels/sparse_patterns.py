@@ -440,47 +440,62 @@ def bigbird_attention(q, k, v, block_size: int, table: torch.Tensor, num_global:
 
 # ------------------------------------------------------------------------------------------------ Sparse Transformer
 
-def strided_predicate(stride: int, pattern: str, summary: int = 1):
-    """Child et al. 2019, causal. strided: the previous `stride` tokens and every stride-th token before them.
-    fixed: the tokens of the own block of `stride`, and the last `summary` tokens of every earlier block."""
+def strided_predicate(stride: int, pattern: str, summary: int = 1, causal: bool = True):
+    """Child et al. 2019. strided: the previous `stride` tokens and every stride-th token before them.
+    fixed: the tokens of the own block of `stride`, and the last `summary` tokens of every earlier block.
+    causal=False mirrors them for an encoder: the `stride` - 1 nearest on each side and every stride-th token
+    either way; the whole own block and the summary tokens of every other block."""
     def allowed(q_pos, k_pos):
         dist = q_pos - k_pos
         if pattern == "strided":
-            return (dist >= 0) & ((dist < stride) | (dist % stride == 0))
-        same = (q_pos // stride) == (k_pos // stride)
-        return (dist >= 0) & (same | (k_pos % stride >= stride - summary))
+            near = (dist >= 0) & (dist < stride) if causal else dist.abs() < stride
+            ok = near | (dist % stride == 0)
+        else:
+            ok = ((q_pos // stride) == (k_pos // stride)) | (k_pos % stride >= stride - summary)
+        return ok & (dist >= 0) if causal else ok
     return allowed
 
 
 @lru_cache(maxsize=64)
-def _causal_blocks(nb: int, device_str: str) -> torch.Tensor:
+def _class_blocks(nb: int, causal: bool, device_str: str) -> torch.Tensor:
+    """Every key block for each query block: up to its own (causal) or all of them."""
     i = torch.arange(nb)
     blocks = i[None, :].expand(nb, nb).clone()
-    return blocks.masked_fill(blocks > i[:, None], -1)[None].to(device_str)
+    if causal:
+        blocks = blocks.masked_fill(blocks > i[:, None], -1)
+    return blocks[None].to(device_str)
 
 
 def sparse_strided_attention(q, k, v, stride: int, pattern: str = "strided", summary: int = 1,
-                             key_padding_mask=None, scale=None, dropout_p: float = 0.0, impl: str = "auto"):
+                             key_padding_mask=None, scale=None, dropout_p: float = 0.0, impl: str = "auto",
+                             causal: bool = True):
     b, h, n, d = q.shape
-    allowed = strided_predicate(stride, pattern, summary)
+    allowed = strided_predicate(stride, pattern, summary, causal)
     impl = choose_impl(impl, q, dropout_p)
     if impl == "reference":
         return dense_masked_attention(q, k, v, _dense_mask(allowed, n, k.shape[2], q.device, key_padding_mask), scale)
+    # the local band: the previous `stride` tokens, or the `stride` - 1 nearest on each side
+    band = stride if causal else 2 * stride - 1
+    # the strided part is attention inside each residue class mod stride, to the strictly earlier tokens of
+    # the class (causal) or to all of them but the token itself (whose key the band already holds)
+    in_class = (lambda qp, kp: kp < qp) if causal else (lambda qp, kp: kp != qp)
     if impl == "flex" and pattern == "fixed":
-        return _flex(q, k, v, _no_head(allowed), n, ("strided", stride, pattern, summary), key_padding_mask, scale)
+        return _flex(q, k, v, _no_head(allowed), n, ("strided", stride, pattern, summary, causal), key_padding_mask,
+                     scale)
     if impl == "flex":
-        # one mask would touch every causal tile (each holds a strided column); instead the local band and
-        # the strided columns (causal attention inside each residue class mod stride) run as two sparse
-        # passes, merged through the log-sum-exp
+        # one mask would touch every tile (each holds a strided column); instead the local band and the
+        # strided columns run as two sparse passes, merged through the log-sum-exp
         n_pad = _ceil(n, stride)
-        real = None if key_padding_mask is None else _real_keys(key_padding_mask, b, n, n_pad, q.device)
+        # causal queries never reach the padding keys; mirrored ones do, so they must be masked
+        unmasked = key_padding_mask is None and (causal or n_pad == n)
+        real = None if unmasked else _real_keys(key_padding_mask, b, n, n_pad, q.device)
         k, v = expand_kv(q, k, v)
         q, k, v = (pad_seq(t, n_pad) for t in (q, k, v))
-        o1, l1 = _flex(q, k, v, _no_head(window_predicate(stride, True)), n_pad, ("window", stride, True, 1), real,
+        o1, l1 = _flex(q, k, v, _no_head(window_predicate(band, causal)), n_pad, ("window", band, causal, 1), real,
                        scale, True)
         qd, kd, vd = (_undilate(t, stride) for t in (q, k, v))
         m = n_pad // stride
-        o2, l2 = _flex(qd, kd, vd, lambda h, qi, ki: ki < qi, m, ("strict_causal",),
+        o2, l2 = _flex(qd, kd, vd, lambda h, qi, ki: in_class(qi, ki), m, ("in_class", causal),
                        None if real is None else _undilate(real, stride), scale, True)
         out, _ = merge_partials(o1, l1, _redilate(o2, stride), _redilate(l2, stride))
         return out[:, :, :n]
@@ -490,18 +505,18 @@ def sparse_strided_attention(q, k, v, stride: int, pattern: str = "strided", sum
     q, k, v = (pad_seq(t, n_pad) for t in (q, k, v))
     nb = n_pad // stride
     if pattern == "fixed":
-        # own block (causal inside it) + the summary columns of earlier blocks as shared extra keys
+        # own block (causal inside it, or whole) + the summary columns of the other blocks (earlier ones, when
+        # causal) as shared extra keys
         cols = (torch.arange(n_pad, device=q.device) % stride >= stride - summary).nonzero().flatten()
         ke, ve = k[:, :, cols], v[:, :, cols]
-        earlier = (cols[None, :] // stride) < (torch.arange(n_pad, device=q.device)[:, None] // stride)
-        mask_e = earlier[None, None] & real[:, cols][:, None, None, :]
+        k_block, q_block = cols[None, :] // stride, torch.arange(n_pad, device=q.device)[:, None] // stride
+        other = k_block < q_block if causal else k_block != q_block
+        mask_e = other[None, None] & real[:, cols][:, None, None, :]
         layout = torch.arange(nb, device=q.device).view(1, nb, 1)
-        out, _ = blocked_attention(q, k, v, layout, stride, lambda qp, kp: kp <= qp, real, extra=(ke, ve, mask_e),
-                                   scale=scale, dropout_p=dropout_p)
+        out, _ = blocked_attention(q, k, v, layout, stride, (lambda qp, kp: kp <= qp) if causal else None, real,
+                                   extra=(ke, ve, mask_e), scale=scale, dropout_p=dropout_p)
         return out[:, :, :n]
-    # strided = local window (i - stride < j <= i) merged with the strided columns (j = i - m * stride, m >= 1)
-    o1, l1 = _window_blocked(q, k, v, stride, True, real, scale, dropout_p)
-    # the strided part is causal attention inside each residue class mod stride, strictly earlier
+    o1, l1 = _window_blocked(q, k, v, band, causal, real, scale, dropout_p)
     qd, kd, vd = (_undilate(t, stride) for t in (q, k, v))
     rd = _undilate(real, stride)
     m = qd.shape[2]
@@ -509,8 +524,8 @@ def sparse_strided_attention(q, k, v, stride: int, pattern: str = "strided", sum
     m_pad = _ceil(m, bs)
     qd, kd, vd = (pad_seq(t, m_pad) for t in (qd, kd, vd))
     rd = pad_seq(rd, m_pad, dim=1, value=False)
-    o2, l2 = blocked_attention(qd, kd, vd, _causal_blocks(m_pad // bs, str(q.device)), bs,
-                               lambda qp, kp: kp < qp, rd, scale=scale, dropout_p=dropout_p)
+    o2, l2 = blocked_attention(qd, kd, vd, _class_blocks(m_pad // bs, causal, str(q.device)), bs, in_class, rd,
+                               scale=scale, dropout_p=dropout_p)
     o2, l2 = _redilate(o2[:, :, :m], stride), _redilate(l2[:, :, :m], stride)
     out, _ = merge_partials(o1, l1, o2, l2)
     return out[:, :, :n]

@@ -10,9 +10,9 @@ core's options from conf/attention/CORE.yaml plus those of conf/experiment/lra_l
 and batch of experiment=lra_listops (6 layers, d 512, 8 heads, MLP 2048, batch 32: `size=lra`, the CUDA
 default) or a small model that a CPU times in seconds (`size=small`, the CPU default); `d_model=`,
 `n_layers=`, `n_heads=`, `d_ff=`, `batch=` override single sizes. A step is what training does: forward,
-classifier on the first token, cross-entropy, backward, AdamW step. Cores that cannot serve an encoder
-(sparse_strided) run in the same model made causal (arch=decoder), marked "(causal)"; `lsh` gets the shared
-QK it needs. Full attention is timed with every SDPA backend that runs (`sdpa_backends=`), and the fastest
+classifier on the first token, cross-entropy, backward, AdamW step. A core that cannot serve an encoder
+would run in the same model made causal (arch=decoder), marked "(causal)" (every core in DEFAULT_CORES serves
+one: sparse_strided with its mirrored pattern since 2026-11-30); `lsh` gets the shared QK it needs. Full attention is timed with every SDPA backend that runs (`sdpa_backends=`), and the fastest
 at each length is the baseline the other rows are relative to (LRA's Table 2: its vanilla Transformer).
 
 Time is the median of `repeats` steps after `warmup` (the first step compiles flex_attention on CUDA); peak

@@ -19,6 +19,8 @@ CASES = [
     ("sparse_strided", {"stride": 5}, True),
     ("sparse_strided", {"stride": 6, "pattern": "fixed", "summary": 2}, True),
     ("longformer", {"window": 6}, False),
+    ("sparse_strided", {"stride": 5}, False),
+    ("sparse_strided", {"stride": 6, "pattern": "fixed", "summary": 2}, False),
 ]
 
 
@@ -115,6 +117,28 @@ def test_window_covering_the_sequence_equals_full_attention(causal):
                                parent(q, k, v, key_padding_mask=mask) * mask[:, None, :, None], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pattern", ["strided", "fixed"])
+def test_encoder_sparse_strided_with_a_stride_covering_the_sequence_equals_full_attention(pattern):
+    q, k, v = qkv(30)
+    core = build_core("sparse_strided", causal=False, stride=32, pattern=pattern)
+    mask = padding(2, 30)
+    torch.testing.assert_close(core(q, k, v, key_padding_mask=mask) * mask[:, None, :, None],
+                               build_core("full", causal=False)(q, k, v, key_padding_mask=mask) * mask[:, None, :, None],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_sparse_strided_pattern_is_the_mirror_of_the_causal_one():
+    from kernels.sparse_patterns import strided_predicate
+    pos = torch.arange(40)
+    for pattern in ("strided", "fixed"):
+        causal = strided_predicate(8, pattern, 2, True)(pos[:, None], pos[None, :])
+        both = strided_predicate(8, pattern, 2, False)(pos[:, None], pos[None, :])
+        assert torch.equal(both.tril(), causal)  # the causal half is the paper's pattern
+    both = strided_predicate(8, "strided", 1, False)(pos[:, None], pos[None, :])
+    assert torch.equal(both, both.T)  # strided: symmetric, every stride-th token either way
+    assert both[20].nonzero().flatten().tolist() == [4] + list(range(12, 29)) + [36]
+
+
 def test_longformer_without_global_tokens_equals_sliding_window():
     q, k, v = qkv(50, hkv=4)
     lf = build_core("longformer", causal=False, window=10)
@@ -208,10 +232,9 @@ def test_decoders_take_the_causal_sparse_cores_and_encoders_the_others():
     zoo.build_model("gpt", attention={"core": "sliding_window", "window": 16})
     zoo.build_model("gpt", attention="sparse_strided")
     zoo.build_model("bert", attention="bigbird")
+    zoo.build_model("bert", attention="sparse_strided")  # the mirrored pattern
     with pytest.raises(ValueError, match="cores that would work: .*sliding_window"):
         zoo.build_model("gpt", attention="bigbird")
-    with pytest.raises(ValueError, match="cores that would work"):
-        zoo.build_model("bert", attention="sparse_strided")
 
 
 @pytest.mark.parametrize("attention,msg", [

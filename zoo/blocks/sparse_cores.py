@@ -221,12 +221,15 @@ class BigBirdCore(_SparseCore):
 
 @register_core
 class SparseStridedCore(_SparseCore):
-    """Sparse Transformer's factorised causal patterns (Child et al. 2019), both heads' sets merged into one
-    softmax: `strided` sees the previous `stride` tokens and every stride-th token before them; `fixed` sees
-    its own block of `stride` and the last `summary` tokens of every earlier block."""
+    """Sparse Transformer's factorised patterns (Child et al. 2019), both heads' sets merged into one softmax:
+    `strided` sees the previous `stride` tokens and every stride-th token before them; `fixed` sees its own
+    block of `stride` and the last `summary` tokens of every earlier block. In an encoder the patterns are
+    mirrored (the paper's are causal): the `stride` - 1 nearest tokens on each side and every stride-th one
+    either way; the whole own block and the summary tokens of every other block."""
 
     name = "sparse_strided"
     supports_causal = True
+    supports_bidirectional = True
     supports_kv_cache = True
     PATTERNS = ("strided", "fixed")
 
@@ -242,8 +245,8 @@ class SparseStridedCore(_SparseCore):
             raise ValueError(f"attention.summary={summary} must be <= attention.stride={stride}")
 
     def allowed(self):
-        return strided_predicate(self.stride, self.pattern, self.summary)
+        return strided_predicate(self.stride, self.pattern, self.summary, self.causal)
 
     def _fast(self, q, k, v, key_padding_mask=None, impl=None, context=None):
         return sparse_strided_attention(q, k, v, self.stride, self.pattern, self.summary, key_padding_mask,
-                                        dropout_p=self._dropout(), impl=impl or self.impl)
+                                        dropout_p=self._dropout(), impl=impl or self.impl, causal=self.causal)
