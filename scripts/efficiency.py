@@ -12,8 +12,9 @@ default) or a small model that a CPU times in seconds (`size=small`, the CPU def
 `n_layers=`, `n_heads=`, `d_ff=`, `batch=` override single sizes. A step is what training does: forward,
 classifier on the first token, cross-entropy, backward, AdamW step. A core that cannot serve an encoder
 would run in the same model made causal (arch=decoder), marked "(causal)" (every core in DEFAULT_CORES serves
-one: sparse_strided with its mirrored pattern since 2026-11-30); `lsh` gets the shared QK it needs. Full attention is timed with every SDPA backend that runs (`sdpa_backends=`), and the fastest
-at each length is the baseline the other rows are relative to (LRA's Table 2: its vanilla Transformer).
+one: sparse_strided with its mirrored pattern since 2026-11-30); `lsh` gets the shared QK it needs. Full
+attention is timed with every SDPA backend that runs (`sdpa_backends=`), and the fastest at each length is
+the baseline the other rows are relative to (LRA's Table 2: its vanilla Transformer).
 
 Time is the median of `repeats` steps after `warmup` (the first step compiles flex_attention on CUDA); peak
 memory is max_memory_allocated on CUDA (weights, optimizer state, activations, workspaces) and, on CPU,

@@ -122,9 +122,9 @@ def test_encoder_sparse_strided_with_a_stride_covering_the_sequence_equals_full_
     q, k, v = qkv(30)
     core = build_core("sparse_strided", causal=False, stride=32, pattern=pattern)
     mask = padding(2, 30)
+    full = build_core("full", causal=False)
     torch.testing.assert_close(core(q, k, v, key_padding_mask=mask) * mask[:, None, :, None],
-                               build_core("full", causal=False)(q, k, v, key_padding_mask=mask) * mask[:, None, :, None],
-                               atol=1e-5, rtol=1e-5)
+                               full(q, k, v, key_padding_mask=mask) * mask[:, None, :, None], atol=1e-5, rtol=1e-5)
 
 
 def test_encoder_sparse_strided_pattern_is_the_mirror_of_the_causal_one():
