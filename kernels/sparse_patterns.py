@@ -62,8 +62,9 @@ def _dense_mask(allowed, n_q: int, n_k: int, device, key_padding_mask=None):
 
 
 def _flex(q, k, v, allowed, n: int, cache_key=None, real=None, scale=None, return_lse=False, heads=None):
-    """flex_attention over length-n q/k/v (padded here to flex's tile) with mask = allowed(h, q, k) & real key.
-    Without a padding mask the block mask depends only on the pattern and the length: it is built once
+    """flex_attention over length-n q/k/v (padded here to flex's tile) with mask = allowed(h, q, k) & real key
+    (`real`: (B, n), or (B, H, n) where heads see different keys). Without a padding mask the block mask
+    depends only on the pattern and the length: it is built once
     (`cache_key`) and reused by every step, so a training step pays nothing for it. At a length that is
     already a multiple of the tile nothing is padded or sliced (a slice would cost a zero-filled gradient
     copy in backward)."""
@@ -74,11 +75,14 @@ def _flex(q, k, v, allowed, n: int, cache_key=None, real=None, scale=None, retur
     if real is None and cache_key is not None:
         mask = _cached_block_mask(cache_key, allowed, n, n_pad, q.device, heads)
     else:
-        real = pad_seq(real if real is not None else torch.ones(b, n, dtype=torch.bool, device=q.device), n_pad,
-                       dim=1, value=False)
-
-        def mask_mod(bi, hi, qi, ki):
-            return allowed(hi, qi, ki) & real[bi, ki]
+        real = real if real is not None else torch.ones(b, n, dtype=torch.bool, device=q.device)
+        real = pad_seq(real, n_pad, dim=real.dim() - 1, value=False)
+        if real.dim() == 3:
+            def mask_mod(bi, hi, qi, ki):
+                return allowed(hi, qi, ki) & real[bi, hi, ki]
+        else:
+            def mask_mod(bi, hi, qi, ki):
+                return allowed(hi, qi, ki) & real[bi, ki]
         mask = make_block_mask(mask_mod, b, heads, n_pad, n_pad, q.device)
     res = flex_attention(q, k, v, mask, scale=scale, return_lse=return_lse)
     if return_lse:
@@ -168,6 +172,20 @@ def _redilate(x: torch.Tensor, d: int) -> torch.Tensor:
     x = x.view(b, d, h, m, *rest).transpose(1, 2)  # (B, H, d, M, …)
     x = x.transpose(2, 3)  # (B, H, M, d, …)
     return x.reshape(b, h, m * d, *rest)
+
+
+def _classes_as_heads(x: torch.Tensor, d: int) -> torch.Tensor:
+    """(B, H, N, ...) -> (B, H * d, N / d, ...): residue class r mod d of head h becomes head h * d + r. Unlike
+    _undilate's batch folding, a flex mask can tell the classes apart by head, so it stays cacheable."""
+    b, h, n = x.shape[:3]
+    rest = x.shape[3:]
+    return x.view(b, h, n // d, d, *rest).transpose(2, 3).reshape(b, h * d, n // d, *rest)
+
+
+def _heads_as_classes(x: torch.Tensor, d: int) -> torch.Tensor:
+    b, hd, m = x.shape[:3]
+    rest = x.shape[3:]
+    return x.view(b, hd // d, d, m, *rest).transpose(2, 3).reshape(b, hd // d, m * d, *rest)
 
 
 def sliding_window_attention(q, k, v, window: int, causal: bool, dilation: int = 1, key_padding_mask=None,
@@ -484,20 +502,22 @@ def sparse_strided_attention(q, k, v, stride: int, pattern: str = "strided", sum
                      scale)
     if impl == "flex":
         # one mask would touch every tile (each holds a strided column); instead the local band and the
-        # strided columns run as two sparse passes, merged through the log-sum-exp
+        # strided columns run as two sparse passes, merged through the log-sum-exp. Both masks exclude the
+        # keys past n that the padding to a multiple of the stride adds (mirrored queries would reach them),
+        # so without a padding mask they depend on the length only and are built once.
         n_pad = _ceil(n, stride)
-        # causal queries never reach the padding keys; mirrored ones do, so they must be masked
-        unmasked = key_padding_mask is None and (causal or n_pad == n)
-        real = None if unmasked else _real_keys(key_padding_mask, b, n, n_pad, q.device)
+        real = None if key_padding_mask is None else _real_keys(key_padding_mask, b, n, n_pad, q.device)
         k, v = expand_kv(q, k, v)
         q, k, v = (pad_seq(t, n_pad) for t in (q, k, v))
-        o1, l1 = _flex(q, k, v, _no_head(window_predicate(band, causal)), n_pad, ("window", band, causal, 1), real,
-                       scale, True)
-        qd, kd, vd = (_undilate(t, stride) for t in (q, k, v))
-        m = n_pad // stride
-        o2, l2 = _flex(qd, kd, vd, lambda h, qi, ki: in_class(qi, ki), m, ("in_class", causal),
-                       None if real is None else _undilate(real, stride), scale, True)
-        out, _ = merge_partials(o1, l1, _redilate(o2, stride), _redilate(l2, stride))
+        near = window_predicate(band, causal)
+        o1, l1 = _flex(q, k, v, lambda hi, qi, ki: near(qi, ki) & (ki < n), n_pad, ("window", band, causal, n),
+                       real, scale, True)
+        # class r of head h is head h * stride + r: its keys sit at positions ki * stride + r
+        qd, kd, vd = (_classes_as_heads(t, stride) for t in (q, k, v))
+        rd = None if real is None else _classes_as_heads(real[:, None, :, None], stride)[..., 0].repeat(1, h, 1)
+        o2, l2 = _flex(qd, kd, vd, lambda hi, qi, ki: in_class(qi, ki) & (ki * stride + hi % stride < n),
+                       n_pad // stride, ("in_class", causal, stride, n), rd, scale, True, heads=h * stride)
+        out, _ = merge_partials(o1, l1, _heads_as_classes(o2, stride), _heads_as_classes(l2, stride))
         return out[:, :, :n]
     n_pad = _ceil(n, stride)
     real = _real_keys(key_padding_mask, b, n, n_pad, q.device)
