@@ -573,7 +573,7 @@ def sections() -> list[tuple]:
          "CNN 100%; python scripts/lra_baselines.py cnn=20000), full attention, linear attention, the Performer and "
          "the sliding window stay at chance (49.6-50.4% test) with <cls> pooling. Longformer, whose global <cls> sees "
          "every pixel, is above it: 51.6% test, still rising; BigBird 50.8%. Mean-pooled, as LRA's, BigBird (51.9% "
-         "test) and the Sparse Transformer's mirrored pattern (51.9% validation; its test score was cut off) leave "
+         "test) and the Sparse Transformer's mirrored pattern (51.5% test) leave "
          "chance slowly; the Performer with fixed features, as LRA's, ends at 50.7% test; the rest at chance. A "
          "Performer that redrew its random features every 1,000 steps reached 59.3% validation at step 4,992, then "
          "chance again after the redraw at step 6,000, when the learning rate was 0.4% of its peak; with fixed "
