@@ -548,13 +548,18 @@ def sections() -> list[tuple]:
          + "\n\nFiles: " + links(*(f"results/lra_listops_h200.{ext}" for ext in ("md", "csv", "png")))
          + "; the earlier post-LN sweep, which collapsed: "
          + links("results/lra_listops_h200_postln.md")
+         + "\n\nBigBird (LRA's blocks of 64) and Longformer rerun from step 0 (2026-11-30):\n\n"
+         + table(RESULTS / "lra_listops_h200_rest.md", "core")
+         + "\n\nFiles: " + links(*(f"results/lra_listops_h200_rest.{ext}" for ext in ("md", "csv", "png")))
          + "\n\nPathfinder on the H200 (2026-11-30) at a tenth of LRA's budget (20 epochs, 6,240 steps of 512 images; "
          "`trainer.max_steps=6240`, `model.pool=cls`: the head read <cls> then), on the generator's version 3:\n\n" + table(RESULTS / "lra_pathfinder_h200.md", "core")
          + "\n\nFiles: " + links(*(f"results/lra_pathfinder_h200.{ext}" for ext in ("md", "csv", "png")))
          + "; the first sweep, on version-2 images with a local cue: " + links("results/lra_pathfinder_h200_v2.md")
-         + "\n\nThe same with LRA's mean pooling (the experiment's default since), with the Performer both ways: "
-         "features fixed (the experiments' setting, as LRA's) and redrawn every 1,000 steps "
-         "(`model.attention.redraw_interval=1000`), and the Sparse Transformer's mirrored pattern:\n\n" + table(RESULTS / "lra_pathfinder_h200_mean.md", "core")
+         + "\n\nThe same with LRA's mean pooling (the experiment's default since), with the Performer three ways: "
+         "FAVOR+ with features fixed (the experiments' setting) and redrawn every 1,000 steps "
+         "(`model.attention.redraw_interval=1000`), and LRA's own (ReLU features, no random projection: "
+         "`model.attention.kernel=relu model.attention.nb_features=null`); the Sparse Transformer's mirrored "
+         "pattern; the Reformer's LSH (`attention=lsh model.shared_qk=true`):\n\n" + table(RESULTS / "lra_pathfinder_h200_mean.md", "core")
          + "\n\nFiles: " + links(*(f"results/lra_pathfinder_h200_mean.{ext}" for ext in ("md", "csv", "png"))),
          "Tay et al. 2021 (Long Range Arena), Table 1, test accuracy %, as in docs/lra.md (checked against the "
          "leaderboard in LRA's repository README, 8 November 2020):\n\n"
@@ -565,8 +570,9 @@ def sections() -> list[tuple]:
          "where LRA's Local Attention has 15.8, below the majority class; LRA's local model, as we read its code, "
          "attends to tokens about 100 apart (a reshape to (20, n / 20)), not to neighbours. The ~37% plateau is a "
          "rule that reads only the outermost operator (38.2% on held-out expressions, python "
-         "scripts/lra_baselines.py): no core here learned more in 5,000 steps. BigBird was still at the majority class at step 2,000 of 5,000 when the device "
-         "time ran out, so LRA's 36.1 is neither reproduced nor contradicted. With the earlier post-LN recipe every "
+         "scripts/lra_baselines.py): no core here learned more in 5,000 steps. BigBird with LRA's blocks of 64 reached it too (37.3% at step "
+         "4,000 of 5,000, unfinished; LRA 36.1); of two Longformer runs with the same settings, one reached it by step "
+         "2,500 and the other never left the majority class, so one run per core cannot rank the cores. With the earlier post-LN recipe every "
          "core reached the same level by step 500 and then collapsed. ListOps: validation, not test, accuracy; one seed. "
          "Pathfinder at 20 epochs is not yet a comparison with LRA's 200 (LRA: 66.6-77.1). On images with no local "
          "cue (generator version 3: a CNN that sees 7 x 7 pixels 48.7%, the markers' distance 50.8%, a whole-image "
