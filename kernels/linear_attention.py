@@ -10,7 +10,10 @@ Feature maps:
 - elu(x) + 1 (Katharopoulos et al. 2020, "Transformers are RNNs").
 
 Attention given the features:
-- bidirectional: two matmuls through the (m, d_v) state, O(n).
+- bidirectional: two matmuls through the (m, d_v) state, O(n). `bidirectional_linear_attention` is the same
+  computation as one autograd node that keeps q, k, v and recomputes the features in its backward: the
+  features are m wide (FAVOR+: 256 against a head of 64) and kept in float32, so storing them, as autograd
+  does for `linear_attention`, takes several times the memory of the rest of the layer.
 - causal: a chunked prefix-sum scan. Inside a chunk of C positions the masked quadratic form is
   computed directly (C x C); across chunks a running state S = sum phi(k) v^T, z = sum phi(k) is
   carried by a cumulative sum over chunk states. No n x n matrix and no Python loop over positions;
@@ -207,9 +210,54 @@ def linear_attention(phi_q, phi_k, v, *, causal: bool, chunk_size: int = 64, sta
         if not causal:
             if state is not None:
                 raise ValueError("a bidirectional linear attention has no running state to continue from")
-            s, z = phi_k.transpose(-1, -2) @ vf, phi_k.sum(-2)
-            return _ratio(phi_q @ s, (phi_q * z[..., None, :]).sum(-1)).to(v.dtype), (s, z)
+            out, s, z, _ = _bidirectional_parts(phi_q, phi_k, vf)
+            return out.to(v.dtype), (s, z)
         return _causal_chunked(phi_q, phi_k, vf, chunk_size, state, v.dtype)
+
+
+def bidirectional_linear_attention(features, q, k, v):
+    """Bidirectional linear attention, `linear_attention(*features(q, k), v, causal=False)[0]`, as one autograd
+    node that saves q, k, v and the (m, d_v) state and recomputes `features(q, k)` -> (phi_q, phi_k) in its
+    backward. `features` must give the same features when called again (a Performer redraw between a forward
+    and its backward would break that: PerformerCore checks it)."""
+    return _RecomputedBidirectional.apply(features, q, k, v)
+
+
+def _bidirectional_parts(phi_q, phi_k, v):
+    phi_q, phi_k = phi_q.to(_compute_dtype(phi_q)), phi_k.to(_compute_dtype(phi_k))
+    s, z = phi_k.transpose(-1, -2) @ v.to(phi_q.dtype), phi_k.sum(-2)
+    den = (phi_q * z[..., None, :]).sum(-1)
+    return _ratio(phi_q @ s, den), s, z, den
+
+
+class _RecomputedBidirectional(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, features, q, k, v):
+        phi_q, phi_k = features(q, k)
+        with torch.autocast(q.device.type, enabled=False):
+            out, s, z, den = _bidirectional_parts(phi_q, phi_k, v)
+        ctx.features = features
+        ctx.save_for_backward(q, k, v, out, s, z, den)
+        return out.to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, out, s, z, den = ctx.saved_tensors
+        with torch.enable_grad():
+            qg, kg = q.detach().requires_grad_(), k.detach().requires_grad_()
+            phi_q, phi_k = ctx.features(qg, kg)
+        with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+            pq, pk = phi_q.detach().to(out.dtype), phi_k.detach().to(out.dtype)
+            # out = num / den per query (zero where den is 0, with a zero gradient, as _ratio)
+            ok = den > 0
+            g = torch.where(ok[..., None], d_out.to(out.dtype) / torch.where(ok, den, 1.0)[..., None], 0.0)
+            d_den = -(g * out).sum(-1, keepdim=True)  # (b, h, n, 1)
+            d_pq = g @ s.transpose(-1, -2) + d_den * z[..., None, :]  # num = phi_q s, den = phi_q . z
+            d_s, d_z = pq.transpose(-1, -2) @ g, (pq * d_den).sum(-2)  # s = phi_k^T v, z = sum phi_k
+            d_pk = v.to(out.dtype) @ d_s.transpose(-1, -2) + d_z[..., None, :]
+            d_v = pk @ d_s
+        d_q, d_k = torch.autograd.grad((phi_q, phi_k), (qg, kg), (d_pq.to(phi_q.dtype), d_pk.to(phi_k.dtype)))
+        return None, d_q, d_k, d_v.to(v.dtype)
 
 
 def _causal_chunked(phi_q, phi_k, v, chunk: int, state, out_dtype):

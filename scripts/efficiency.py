@@ -23,7 +23,10 @@ out of memory is an OOM cell, and the longer lengths of that row are not tried. 
 every length, so a run cut short keeps what it measured. Writes <out>.md, <out>.csv and <out>.png.
 `keep=<csv of an earlier run>` extends an earlier table: its rows at the lengths this run does not time are
 kept (same device, dtype and batch, checked), e.g. `seq_lens=4096,8192,16384 keep=docs/results/efficiency_h200.csv`.
-Options: device dtype size seq_lens cores sdpa_backends batch d_model n_layers n_heads d_ff repeats warmup out keep.
+`attention=key:value,...` adds attention options to every core that takes them (YAML values), e.g.
+`attention=recompute:true` for the linear cores' recomputing backward.
+Options: device dtype size seq_lens cores sdpa_backends batch d_model n_layers n_heads d_ff repeats warmup out keep
+attention.
 """
 from __future__ import annotations
 
@@ -58,7 +61,7 @@ CUDA = torch.cuda.is_available()
 DEFAULTS = {"device": "cuda" if CUDA else "cpu", "dtype": "bf16" if CUDA else "fp32", "size": "",
             "seq_lens": "", "cores": ",".join(DEFAULT_CORES), "sdpa_backends": "", "batch": "", "d_model": "",
             "n_layers": "", "n_heads": "", "d_ff": "", "repeats": "", "warmup": "",
-            "out": "outputs/efficiency/efficiency", "keep": ""}
+            "out": "outputs/efficiency/efficiency", "keep": "", "attention": ""}
 NUMBERS = ("batch", "d_model", "n_layers", "n_heads", "d_ff", "repeats", "warmup")  # "" = the device's default
 BY_DEVICE = {  # defaults that depend on the device: (cuda, cpu)
     "size": ("lra", "small"), "seq_lens": ("1024,2048,3072,4096,8192,16384", "256,512,1024,2048,4096"),
@@ -114,8 +117,18 @@ def options(argv: list[str]) -> dict:
     if min(counts) < 1 or o["warmup"] < 0:
         raise SystemExit("batch, d_model, n_layers, n_heads, d_ff, repeats and every seq_len must be >= 1, "
                          "warmup >= 0")
-    o["sizes"], o["attention"] = sizes, attn
+    o["sizes"], o["attention"] = sizes, {**attn, **attention_options(o["attention"])}
     return o
+
+
+def attention_options(text: str) -> dict:
+    out = {}
+    for item in (i for i in str(text).split(",") if i.strip()):
+        key, sep, value = item.partition(":")
+        if not sep or not key.strip():
+            raise SystemExit(f"attention={text!r}: a comma list of key:value pairs, e.g. attention=recompute:true")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def model_config(core: str, n: int, o: dict):

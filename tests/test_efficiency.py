@@ -54,6 +54,10 @@ def test_efficiency_builds_each_core_through_the_zoo_config():
     assert cfgs["lsh"].shared_qk and not cfgs["full"].shared_qk
     assert cfgs["longformer"].attention["global_projections"] == "shared"  # experiment=lra_listops's option
     assert cfgs["full"].attention["backend"] == "sdpa"
+    o = efficiency.options(["device=cpu", "attention=recompute:true,chunk_size:32"])  # to every core that takes them
+    perf, full = efficiency.model_config("performer", 256, o), efficiency.model_config("full", 256, o)
+    assert perf.attention["recompute"] is True and perf.attention["chunk_size"] == 32
+    assert "recompute" not in full.attention
 
 
 def test_efficiency_oom_is_a_cell_and_longer_lengths_are_skipped(tmp_path, monkeypatch):
@@ -93,6 +97,7 @@ def test_the_baseline_is_full_attention_even_when_another_row_is_faster(tmp_path
     (["nosuch=1"], ["unknown argument", "seq_lens"]),
     (["d_model=0"], ["must be >= 1"]),
     (["batch=x"], ["take integers", "batch='x'"]),
+    (["attention=recompute"], ["attention='recompute'", "key:value"]),
 ])
 def test_efficiency_bad_input_names_the_choices(tmp_path, args, words):
     with pytest.raises(SystemExit) as err:

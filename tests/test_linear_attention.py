@@ -1,5 +1,6 @@
 """Performer (FAVOR+) and linear attention: the chunked causal scan against the quadratic reference,
-incremental decoding against the full pass, the quality of the softmax approximation, redraws."""
+incremental decoding against the full pass, the recomputing bidirectional path against the stored one, the
+quality of the softmax approximation, redraws."""
 from __future__ import annotations
 
 import re
@@ -248,6 +249,7 @@ def test_causal_model_with_linear_core_never_looks_ahead():
     ({"redraw_interval": -1}, "attention.redraw_interval"),
     ({"backend": "flash"}, "valid choices: auto, reference"),
     ({"chunk_size": 0}, "attention.chunk_size"),
+    ({"recompute": "yes"}, "attention.recompute must be true or false"),
     ({"window": 3}, "do not fit core 'performer'"),
 ])
 def test_bad_options_name_the_field(options, message):
@@ -258,3 +260,85 @@ def test_bad_options_name_the_field(options, message):
 def test_attention_dropout_is_refused_not_ignored():
     with pytest.raises(ValueError, match="attn_dropout"):
         zoo.build_model("gpt", attention="linear", attn_dropout=0.1)
+
+
+ENCODER_CORES = [("performer", {}), ("performer", {"kernel": "relu"}),
+                 ("performer", {"kernel": "relu", "nb_features": None}), ("linear", {})]
+
+
+def _grads(core, q, k, v, mask):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = core(q, k, v, key_padding_mask=mask)
+    (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum().backward()
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("name,options", ENCODER_CORES)
+@pytest.mark.parametrize("padded", [False, True])
+def test_recomputed_bidirectional_equals_the_stored_path(name, options, padded):
+    """attention.recompute=true: one autograd node that recomputes the features in backward gives the
+    stored path's outputs and gradients, padded keys and a row with no valid key included, with GQA heads."""
+    q, k, v = qkv(b=3, h=4, n=37, d=8, hk=2, **F64)
+    mask = None
+    if padded:
+        mask = torch.ones(3, 37, dtype=torch.bool)
+        mask[1, 30:] = False
+        mask[2] = False  # no valid key: zeros and zero gradients, not nan
+    if name == "performer":
+        options = {"nb_features": 24, "seed": 7, **options}
+    stored, recomputed = (build_core(name, causal=False, recompute=r, **options).double() for r in (False, True))
+    want, got = _grads(stored, q, k, v, mask), _grads(recomputed, q, k, v, mask)
+    for w, g in zip(want, got):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, atol=1e-11, rtol=1e-9)
+    if padded:
+        assert got[1][2].abs().max() == 0 and got[3][2].abs().max() == 0
+
+
+def test_recomputed_bidirectional_under_bf16_autocast_is_as_accurate_as_the_stored_path():
+    """bf16 inputs under autocast: both paths compute in float32 and round to bf16 at different points, so they
+    are compared with the same model in float64; the recomputing path's error is no larger than the stored one's."""
+    q, k, v = (t.bfloat16() for t in qkv(b=2, h=2, n=40, d=16))
+    stored, recomputed, exact = (build_core("performer", causal=False, recompute=r, nb_features=32, seed=3)
+                                 for r in (False, True, False))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = _grads(stored, q, k, v, None), _grads(recomputed, q, k, v, None)
+    truth = _grads(exact.double(), q.double(), k.double(), v.double(), None)
+    for w, g, t in zip(want, got, truth):
+        assert g.dtype == w.dtype == torch.bfloat16
+        err_w, err_g = ((x.double() - t).abs().max() / t.abs().max() for x in (w, g))
+        assert err_g < 2e-2 and err_g <= 1.5 * err_w + 1e-3
+
+
+def _saved_bytes(core, q, k, v):
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # the forward's; not the backward's transients
+        out = core(q, k, v)
+    out.sum().backward()
+    return total[0]
+
+
+def test_recomputed_bidirectional_saves_no_features():
+    """What autograd keeps between forward and backward: the stored path keeps m-wide float32 features of every
+    query and key (and their logits), the recomputing path only q, k, v, the output and the (m, d_v) state."""
+    q, k, v = qkv(b=1, h=2, n=256, d=16)
+    stored, recomputed = (build_core("performer", causal=False, recompute=r, nb_features=128, seed=1)
+                          for r in (False, True))
+    kept, lean = _saved_bytes(stored, q, k, v), _saved_bytes(recomputed, q, k, v)
+    n_by_m = 2 * 256 * 128 * 4  # one float32 feature tensor of the 2 heads
+    assert kept > 4 * n_by_m
+    assert lean < n_by_m < kept / 4
+
+
+def test_a_redraw_between_forward_and_backward_is_an_error():
+    core = build_core("performer", causal=False, nb_features=16, seed=2, recompute=True)
+    q, k, v = (t.requires_grad_() for t in qkv(b=1, h=1, n=8, d=8))
+    out = core(q, k, v)
+    core.redraw()
+    with pytest.raises(RuntimeError, match="redrawn between a forward and its backward"):
+        out.sum().backward()

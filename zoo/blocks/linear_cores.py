@@ -36,7 +36,8 @@ class _LinearCore(AttentionCore):
     supports_bidirectional = True
     supports_kv_cache = True
 
-    def __init__(self, causal: bool, dropout: float = 0.0, backend: str = "auto", chunk_size: int = 64):
+    def __init__(self, causal: bool, dropout: float = 0.0, backend: str = "auto", chunk_size: int = 64,
+                 recompute: bool = False):
         super().__init__(causal, dropout, "auto")
         if backend not in BACKENDS:
             raise ValueError(f"attention.backend={backend!r} for core {self.name!r}; "
@@ -49,7 +50,9 @@ class _LinearCore(AttentionCore):
                              f"set model.attn_dropout=0 (got {dropout})")
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"attention.chunk_size must be a positive integer, got {chunk_size!r}")
-        self.backend, self.chunk_size = backend, chunk_size
+        if not isinstance(recompute, bool):
+            raise ValueError(f"attention.recompute must be true or false, got {recompute!r}")
+        self.backend, self.chunk_size, self.recompute = backend, chunk_size, recompute
         self.impl = backend if backend in la.IMPLS else "auto"  # what the kernels get (reference never reaches them)
 
     # the feature map: (phi_q, phi_k with padded keys zeroed, key offset or None); impl None = self.impl
@@ -80,9 +83,15 @@ class _LinearCore(AttentionCore):
 
     def attend(self, q, k, v, key_padding_mask):
         """The whole sequence at once (training, prefill without a cache): features, then linear attention."""
+        if not self.causal and self.recompute:
+            return la.bidirectional_linear_attention(self.feature_fn(key_padding_mask), q, k, v)
         phi_q, phi_k, _ = self.features(q, k, key_padding_mask)
         return la.linear_attention(phi_q, phi_k, v, causal=self.causal, chunk_size=self.chunk_size,
                                    impl=self.impl)[0]
+
+    def feature_fn(self, key_padding_mask):
+        """(q, k) -> (phi_q, phi_k): what a recomputing backward calls again."""
+        return lambda q, k: self.features(q, k, key_padding_mask)[:2]
 
     def reference(self, q, k, v, key_padding_mask=None, context=None):
         k, v = _expand_kv(q, k, v)
@@ -119,8 +128,8 @@ class PerformerCore(_LinearCore):
 
     def __init__(self, causal: bool, dropout: float = 0.0, backend: str = "auto", chunk_size: int = 64,
                  nb_features: int | None = 256, kernel: str = "softmax", redraw_interval: int | None = 1000,
-                 orthogonal: bool = True, seed: int | None = None):
-        super().__init__(causal, dropout, backend, chunk_size)
+                 orthogonal: bool = True, seed: int | None = None, recompute: bool = False):
+        super().__init__(causal, dropout, backend, chunk_size, recompute)
         if kernel not in KERNELS:
             raise ValueError(f"attention.kernel={kernel!r}; valid choices: {', '.join(KERNELS)}")
         if nb_features is None and kernel != "relu":
@@ -170,6 +179,16 @@ class PerformerCore(_LinearCore):
             return la.causal_favor_attention(q, k, v, self.projection, key_padding_mask, self.chunk_size, self.impl)
         return super().attend(q, k, v, key_padding_mask)
 
+    def feature_fn(self, key_padding_mask):
+        projection, parent = self.projection, super().feature_fn(key_padding_mask)
+
+        def features(q, k):
+            if self.projection is not projection:
+                raise RuntimeError("performer: the random features were redrawn between a forward and its backward "
+                                   "(attention.recompute=true recomputes them there); set attention.recompute=false")
+            return parent(q, k)
+        return features
+
     def reference(self, q, k, v, key_padding_mask=None, context=None):
         if self.projection is None:
             self._draw(q.shape[-1], q.device)
@@ -190,4 +209,4 @@ class PerformerCore(_LinearCore):
 
     def extra_repr(self) -> str:
         return (f"causal={self.causal}, kernel={self.kernel}, nb_features={self.nb_features}, "
-                f"orthogonal={self.orthogonal}, redraw_interval={self.redraw_interval}")
+                f"orthogonal={self.orthogonal}, redraw_interval={self.redraw_interval}, recompute={self.recompute}")
