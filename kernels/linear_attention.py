@@ -145,12 +145,63 @@ def favor_features(q: torch.Tensor, k: torch.Tensor, projection: torch.Tensor, k
             new = torch.maximum(new, offset)
         phi_k = mask_keys(lat.favor_features(k, projection, new), key_padding_mask)
         return lat.favor_features(q, projection), phi_k, new
+    phi_k, new = _FavorKeys.apply(k, projection, key_padding_mask, offset)
+    return _FavorQueries.apply(q, projection), phi_k, new
+
+
+def favor_features_reference(q, k, projection, key_padding_mask=None, offset=None):
+    """favor_features' torch path as plain autograd ops: the reference for the fused nodes below."""
     lq, lk = favor_logits(q, projection), favor_logits(k, projection)
-    new = favor_key_offset(lk, key_padding_mask)
-    if offset is not None:
-        new = torch.maximum(new, offset)
-    phi_k = mask_keys(favor_key_features(lk, new), key_padding_mask)
-    return favor_query_features(lq), phi_k, new
+    new = _key_offset(lk, key_padding_mask, offset)
+    return favor_query_features(lq), mask_keys(favor_key_features(lk, new), key_padding_mask), new
+
+
+def _key_offset(logits, key_padding_mask, offset):
+    new = favor_key_offset(logits, key_padding_mask)
+    return new if offset is None else torch.maximum(new, offset)
+
+
+# The torch path's features as autograd nodes that keep only x and phi. Plain autograd would also keep the
+# logits and the exp's input and output: m-wide float32 tensors, 4x the memory of phi for each of q and k. As in
+# the Triton kernels, the stabilising max is a constant in the backward: the output does not depend on it (it
+# cancels in the ratio), so its true gradient is zero up to rounding.
+class _FavorQueries(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, projection):
+        phi = favor_query_features(favor_logits(x, projection))
+        ctx.save_for_backward(x, projection, phi)
+        return phi
+
+    @staticmethod
+    def backward(ctx, d_phi):
+        return _favor_dx(*ctx.saved_tensors, d_phi), None
+
+
+class _FavorKeys(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, projection, key_padding_mask, offset):
+        logits = favor_logits(x, projection)
+        new = _key_offset(logits, key_padding_mask, offset)
+        phi = mask_keys(favor_key_features(logits, new), key_padding_mask)
+        ctx.save_for_backward(x, projection, phi)
+        ctx.mark_non_differentiable(new)
+        return phi, new
+
+    @staticmethod
+    def backward(ctx, d_phi, _d_offset):
+        return _favor_dx(*ctx.saved_tensors, d_phi), None, None, None
+
+
+def _favor_dx(x, projection, phi, d_phi):
+    """x's gradient through phi = exp(max(l - c, floor)) / sqrt(m), l = w . x^ - |x^|^2 / 2, x^ = x / d^(1/4):
+    dl = d_phi * phi where the floor did not bind (padded keys have phi = 0, so nothing flows to them)."""
+    scale = x.shape[-1] ** -0.25
+    floor = torch.exp(torch.tensor(_LOG_FLOOR, dtype=phi.dtype)) * phi.shape[-1] ** -0.5  # as the forward rounds it
+    with torch.autocast(x.device.type, enabled=False):
+        d_l = d_phi.to(phi.dtype) * phi * (phi > floor)
+        xs = x.to(phi.dtype) * scale
+        d_x = d_l @ projection.to(phi.dtype) - xs * d_l.sum(-1, keepdim=True)
+    return (d_x * scale).to(x.dtype)
 
 
 def causal_favor_attention(q, k, v, projection, key_padding_mask=None, chunk_size: int = 64, impl: str = "auto"):
