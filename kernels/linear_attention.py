@@ -10,10 +10,11 @@ Feature maps:
 - elu(x) + 1 (Katharopoulos et al. 2020, "Transformers are RNNs").
 
 Attention given the features:
-- bidirectional: two matmuls through the (m, d_v) state, O(n). `bidirectional_linear_attention` is the same
-  computation as one autograd node that keeps q, k, v and recomputes the features in its backward: the
-  features are m wide (FAVOR+: 256 against a head of 64) and kept in float32, so storing them, as autograd
-  does for `linear_attention`, takes several times the memory of the rest of the layer.
+- bidirectional: two matmuls through the (m, d_v) state, O(n). The features are m wide (FAVOR+: 256 against a
+  head of 64), so what the backward keeps of them decides the layer's memory. `bidirectional_linear_attention`
+  is the computation as one autograd node that keeps the features in their own dtype (plain autograd over
+  `linear_attention` also keeps their float32 copies); `recomputed_bidirectional_linear_attention` keeps q, k,
+  v instead and recomputes the features in its backward.
 - causal: a chunked prefix-sum scan. Inside a chunk of C positions the masked quadratic form is
   computed directly (C x C); across chunks a running state S = sum phi(k) v^T, z = sum phi(k) is
   carried by a cumulative sum over chunk states. No n x n matrix and no Python loop over positions;
@@ -266,11 +267,18 @@ def linear_attention(phi_q, phi_k, v, *, causal: bool, chunk_size: int = 64, sta
         return _causal_chunked(phi_q, phi_k, vf, chunk_size, state, v.dtype)
 
 
-def bidirectional_linear_attention(features, q, k, v):
-    """Bidirectional linear attention, `linear_attention(*features(q, k), v, causal=False)[0]`, as one autograd
-    node that saves q, k, v and the (m, d_v) state and recomputes `features(q, k)` -> (phi_q, phi_k) in its
-    backward. `features` must give the same features when called again (a Performer redraw between a forward
-    and its backward would break that: PerformerCore checks it)."""
+def bidirectional_linear_attention(phi_q, phi_k, v):
+    """`linear_attention(phi_q, phi_k, v, causal=False)[0]` as one autograd node that keeps the features in the
+    dtype they come in (bf16 from the Triton feature kernels) and the (m, d_v) state: plain autograd would also
+    keep the float32 copies that the matmuls read, twice the memory of bf16 features."""
+    return _StoredBidirectional.apply(phi_q, phi_k, v)
+
+
+def recomputed_bidirectional_linear_attention(features, q, k, v):
+    """The same from q and k, as one autograd node that keeps q, k, v and the state and recomputes
+    `features(q, k)` -> (phi_q, phi_k) in its backward: no m-wide tensor is kept. `features` must give the same
+    features when called again (a Performer redraw between a forward and its backward would break that:
+    PerformerCore checks it)."""
     return _RecomputedBidirectional.apply(features, q, k, v)
 
 
@@ -281,11 +289,38 @@ def _bidirectional_parts(phi_q, phi_k, v):
     return _ratio(phi_q @ s, den), s, z, den
 
 
+def _bidirectional_backward(phi_q, phi_k, v, out, s, z, den, d_out):
+    """(d phi_q, d phi_k, d v) of out = phi_q s / phi_q . z, s = phi_k^T v, z = sum phi_k; each in its input's dtype."""
+    with torch.no_grad(), torch.autocast(v.device.type, enabled=False):
+        pq, pk = phi_q.to(out.dtype), phi_k.to(out.dtype)
+        ok = den > 0  # a query with no valid key: zero output and zero gradient, as _ratio
+        g = torch.where(ok[..., None], d_out.to(out.dtype) / torch.where(ok, den, 1.0)[..., None], 0.0)
+        d_den = -(g * out).sum(-1, keepdim=True)
+        d_pq = g @ s.transpose(-1, -2) + d_den * z[..., None, :]
+        d_s, d_z = pq.transpose(-1, -2) @ g, (pq * d_den).sum(-2)
+        d_pk = v.to(out.dtype) @ d_s.transpose(-1, -2) + d_z[..., None, :]
+        d_v = pk @ d_s
+    return d_pq.to(phi_q.dtype), d_pk.to(phi_k.dtype), d_v.to(v.dtype)
+
+
+class _StoredBidirectional(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, phi_q, phi_k, v):
+        with torch.autocast(v.device.type, enabled=False):
+            out, s, z, den = _bidirectional_parts(phi_q, phi_k, v)
+        ctx.save_for_backward(phi_q, phi_k, v, out, s, z, den)
+        return out.to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        return _bidirectional_backward(*ctx.saved_tensors, d_out)
+
+
 class _RecomputedBidirectional(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features, q, k, v):
         phi_q, phi_k = features(q, k)
-        with torch.autocast(q.device.type, enabled=False):
+        with torch.autocast(v.device.type, enabled=False):
             out, s, z, den = _bidirectional_parts(phi_q, phi_k, v)
         ctx.features = features
         ctx.save_for_backward(q, k, v, out, s, z, den)
@@ -297,18 +332,9 @@ class _RecomputedBidirectional(torch.autograd.Function):
         with torch.enable_grad():
             qg, kg = q.detach().requires_grad_(), k.detach().requires_grad_()
             phi_q, phi_k = ctx.features(qg, kg)
-        with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
-            pq, pk = phi_q.detach().to(out.dtype), phi_k.detach().to(out.dtype)
-            # out = num / den per query (zero where den is 0, with a zero gradient, as _ratio)
-            ok = den > 0
-            g = torch.where(ok[..., None], d_out.to(out.dtype) / torch.where(ok, den, 1.0)[..., None], 0.0)
-            d_den = -(g * out).sum(-1, keepdim=True)  # (b, h, n, 1)
-            d_pq = g @ s.transpose(-1, -2) + d_den * z[..., None, :]  # num = phi_q s, den = phi_q . z
-            d_s, d_z = pq.transpose(-1, -2) @ g, (pq * d_den).sum(-2)  # s = phi_k^T v, z = sum phi_k
-            d_pk = v.to(out.dtype) @ d_s.transpose(-1, -2) + d_z[..., None, :]
-            d_v = pk @ d_s
-        d_q, d_k = torch.autograd.grad((phi_q, phi_k), (qg, kg), (d_pq.to(phi_q.dtype), d_pk.to(phi_k.dtype)))
-        return None, d_q, d_k, d_v.to(v.dtype)
+        d_pq, d_pk, d_v = _bidirectional_backward(phi_q.detach(), phi_k.detach(), v, out, s, z, den, d_out)
+        d_q, d_k = torch.autograd.grad((phi_q, phi_k), (qg, kg), (d_pq, d_pk))
+        return None, d_q, d_k, d_v
 
 
 def _causal_chunked(phi_q, phi_k, v, chunk: int, state, out_dtype):

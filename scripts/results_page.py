@@ -354,10 +354,10 @@ def sections() -> list[tuple]:
          "and LSH run out of the H200's memory at 16K: they store per-token feature maps (256 random features "
          "per head) and hash rounds that full attention's fused kernel never keeps (performer 71.7 GiB at 8K "
          "against full attention's 31.1). On the CPU (SDPA's flash kernel there is quadratic in time, linear in memory) the picture "
-         "is LRA's in time for most cores: at 4K linear attention runs 8.1x, the window 5.5x and Longformer 4.6x the "
-         "full model's steps/s, the performer 1.26x and BigBird 1.08x (its blocks of 64, LRA's, give each query 512 "
+         "is LRA's in time for most cores: at 4K linear attention runs 8.9x, the window 5.9x and Longformer 4.7x the "
+         "full model's steps/s, the performer 1.19x and BigBird 0.93x (its blocks of 64, LRA's, give each query 512 "
          "keys; with blocks of 16 it ran 3.5x); in memory it is not, as every core needs 1.5-9x the fused "
-         "kernel's memory at 4K (the performer 5.1x since its features keep only phi for the backward, 9.1x "
+         "kernel's memory at 4K (the performer 5.0x since its features keep only phi for the backward, 9.1x "
          "before; `attention.recompute=true` keeps none: 2.3x in a 6-layer model at 2K) (sparse_strided grows faster than linearly: its stride is fixed at 16, so its "
          "every-16th-key columns are N/16 long)."),
         ("MQAR across the causal cores",

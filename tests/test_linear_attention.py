@@ -310,16 +310,16 @@ def test_recomputed_bidirectional_under_bf16_autocast_is_as_accurate_as_the_stor
         assert err_g < 2e-2 and err_g <= 1.5 * err_w + 1e-3
 
 
-def _saved_bytes(core, q, k, v):
+def _saved_bytes(fn, *inputs):
     storages = {}  # a view (a transpose) shares its tensor's memory: count each storage once
 
     def pack(t):
         storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # the forward's; not the backward's transients
-        out = core(q, k, v)
-    out.sum().backward()
+        out = fn(*leaves)
+    out.float().sum().backward()
     return sum(storages.values())
 
 
@@ -334,6 +334,16 @@ def test_what_autograd_keeps_of_the_features():
     n_by_m = 2 * 256 * 128 * 4  # one float32 feature tensor of the 2 heads
     assert 2 * n_by_m < kept < 3 * n_by_m  # phi_q, phi_k and n x d tensors
     assert lean < n_by_m
+
+
+def test_the_bidirectional_node_keeps_bf16_features_without_float32_copies():
+    phi_q, phi_k = (torch.rand(1, 2, 256, 128, dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(1, 2, 256, 16, dtype=torch.bfloat16)
+    n_by_m = 2 * 256 * 128  # elements of one feature tensor
+    plain = _saved_bytes(lambda *a: la.linear_attention(*a, causal=False)[0], phi_q, phi_k, v)
+    node = _saved_bytes(la.bidirectional_linear_attention, phi_q, phi_k, v)
+    assert node < 1.5 * (2 * n_by_m * 2)  # the two bf16 features (which the feature kernels keep anyway), n x d tensors
+    assert plain > 2 * n_by_m * 4  # plain autograd keeps float32 copies of both: twice the bytes
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -360,6 +370,32 @@ def test_fused_favor_features_equal_plain_autograd(causal, padded, offset):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
     if padded:
         assert results[1][1][1, :, 33:].abs().max() == 0 and results[1][5][1, :, 33:].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_bidirectional_node_equals_plain_autograd(dtype):
+    """The stored node (the bidirectional path of both cores) against plain autograd over the same ops and the
+    quadratic reference, with padded keys and a query row whose keys are all padded; bf16 features (as the Triton
+    feature kernels give) keep their dtype and their gradients come back in it."""
+    q, k, v = qkv(b=2, h=3, n=30, d=8, **F64)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1] = False
+    phi_q, phi_k = features("favor", q, k, mask)
+    w = torch.randn(2, 3, 30, 8, **F64)
+    results = []
+    for fn in (lambda a, b, c: la.linear_attention(a, b, c, causal=False)[0], la.bidirectional_linear_attention,
+               lambda a, b, c: la.linear_attention_reference(a, b, c, causal=False)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (phi_q, phi_k, v)]
+        out = fn(*leaves)
+        (out.double() * w).sum().backward()
+        results.append([out.detach()] + [t.grad for t in leaves])
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-2, rtol=2e-2)
+    for want, got, ref in zip(*results):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want, **tol)
+        if dtype == torch.float64:  # the quadratic form in bf16 rounds its matmuls: a reference in float64 only
+            torch.testing.assert_close(got, ref, **tol)
+    assert results[1][0][1].abs().max() == 0 and results[1][1][1].abs().max() == 0  # no valid key: zeros
 
 
 def test_a_redraw_between_forward_and_backward_is_an_error():

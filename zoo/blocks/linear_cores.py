@@ -84,8 +84,10 @@ class _LinearCore(AttentionCore):
     def attend(self, q, k, v, key_padding_mask):
         """The whole sequence at once (training, prefill without a cache): features, then linear attention."""
         if not self.causal and self.recompute:
-            return la.bidirectional_linear_attention(self.feature_fn(key_padding_mask), q, k, v)
+            return la.recomputed_bidirectional_linear_attention(self.feature_fn(key_padding_mask), q, k, v)
         phi_q, phi_k, _ = self.features(q, k, key_padding_mask)
+        if not self.causal:
+            return la.bidirectional_linear_attention(phi_q, phi_k, v)
         return la.linear_attention(phi_q, phi_k, v, causal=self.causal, chunk_size=self.chunk_size,
                                    impl=self.impl)[0]
 
