@@ -194,6 +194,38 @@ def test_core_triton_backend_equals_chunked_and_decodes(name, options):
     close(torch.cat(steps, 2), outs["chunked"], 1e-5)
 
 
+@pytest.mark.parametrize("name", ["performer", "linear"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_encoder_core_with_triton_features_equals_the_torch_path(name, recompute):
+    """Bidirectional attention from the Triton feature kernels, through the stored node (the features kept as the
+    kernels give them) or the recomputing one, against the torch path (torch features; the nodes themselves are
+    held to plain autograd in test_linear_attention.py)."""
+    opts = {"nb_features": 32, "seed": 1} if name == "performer" else {}
+    got = build_core(name, causal=False, backend="triton", recompute=recompute, **opts).to(DEV)
+    want = build_core(name, causal=False, backend="chunked", **opts).to(DEV)
+    q, k, v = rand(2, 2, 45, 16, seed=1), rand(2, 2, 45, 16, seed=2), rand(2, 2, 45, 16, seed=3)
+    mask = torch.ones(2, 45, dtype=torch.bool, device=DEV)
+    mask[1, 30:] = False
+    outs = [c(q, k, v, key_padding_mask=mask) for c in (got, want)]
+    close(outs[0], outs[1], 1e-5)
+    for a, b_ in zip(*(torch.autograd.grad(o.square().sum(), [q, k, v]) for o in outs)):
+        close(a, b_, 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recompute", [False, True])
+def test_bf16_encoder_performer_on_gpu_matches_the_torch_path(recompute):
+    """The LRA encoder's shape in bf16: the Triton features come back in bf16 and the stored node keeps them so."""
+    got = build_core("performer", causal=False, backend="triton", recompute=recompute, seed=1).cuda()
+    want = build_core("performer", causal=False, backend="chunked", seed=1).cuda()
+    q, k, v = (rand(2, 8, 2048, 64, seed=s, dtype=torch.bfloat16, device="cuda") for s in (1, 2, 3))
+    outs = [c(q, k, v) for c in (got, want)]
+    for a, b_ in zip([outs[0]] + list(torch.autograd.grad(outs[0].float().square().sum(), [q, k, v])),
+                     [outs[1]] + list(torch.autograd.grad(outs[1].float().square().sum(), [q, k, v]))):
+        err = ((a.float() - b_.float()).abs().max() / b_.float().abs().max()).item()
+        assert err < 5e-2, err
+
+
 def test_bad_impl_names_the_choices():
     x = torch.ones(1, 1, 2, 4)
     with pytest.raises(ValueError, match="valid choices: auto, chunked, triton"):
