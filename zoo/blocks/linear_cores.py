@@ -88,8 +88,7 @@ class _LinearCore(AttentionCore):
         phi_q, phi_k, _ = self.features(q, k, key_padding_mask)
         if not self.causal:
             return la.bidirectional_linear_attention(phi_q, phi_k, v)
-        return la.linear_attention(phi_q, phi_k, v, causal=self.causal, chunk_size=self.chunk_size,
-                                   impl=self.impl)[0]
+        return la.linear_attention(phi_q, phi_k, v, causal=True, chunk_size=self.chunk_size, impl=self.impl)[0]
 
     def feature_fn(self, key_padding_mask):
         """(q, k) -> (phi_q, phi_k): what a recomputing backward calls again."""
